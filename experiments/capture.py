@@ -1,0 +1,52 @@
+"""Sample seeds and record self-attention of the selected layers at every step.
+
+    python -m experiments.capture model=tiny_pixel scheduler=euler steps=20 seeds=0-15 capture=default
+
+Writes ``samples/`` (PNGs, model-space tensors, grid) and ``records/`` (see sag.records) into the Hydra
+run dir, and ``run.json`` last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.common import build_model, check_positive, class_labels, user_errors
+from sag.attention import select_layers
+from sag.errors import SagConfigError
+from sag.runs import run_capture
+from sag.seeds import parse_seeds
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="capture")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        # 1. Validate everything cheap before any work starts.
+        seeds = parse_seeds(cfg.seeds)
+        steps = check_positive("steps", cfg.steps)
+        batch_size = check_positive("batch_size", cfg.batch_size)
+        size = tuple(cfg.size) if cfg.size is not None else None
+        if size is not None and (len(size) != 2 or min(size) <= 0):
+            raise SagConfigError(f"size={list(size)}; accepted: [H, W] with positive H, W, or null")
+        spec = instantiate(cfg.capture, _convert_="all")
+        # 2. Model, scheduler, and the layers the patterns select (fails here on a bad pattern).
+        model = build_model(cfg)
+        scheduler = instantiate(cfg.scheduler)(model)
+        layers = select_layers(model.net, spec.layers, spec.include_cross)
+        cond = class_labels(cfg, model, seeds)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    print(f"capturing {len(layers)} layer(s) of {model.name} over {steps} steps for {len(seeds)} seeds -> {out}")
+    manifest = run_capture(model, scheduler, out, steps=steps, seeds=seeds, capture=spec,
+                           batch_size=batch_size, cond=cond, size=size, progress=cfg.progress,
+                           meta={"layers": layers, "config": OmegaConf.to_container(cfg, resolve=True)})
+    print(f"samples: {manifest['samples']}")
+    print(f"records: {manifest['records']} ({manifest['record_rows']} rows)")
+    print(f"run: {out / 'run.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Shared glue for the Hydra entry points: clean one-line errors and config -> objects."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from sag.errors import SagConfigError
+from sag.models import DiffusionModel
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn bad-input errors into one line on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, SagConfigError):
+            print(f"error: {cause}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    except SagConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_positive(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SagConfigError(f"{name}={value!r}; accepted: a positive integer")
+    return value
+
+
+def build_model(cfg: DictConfig) -> DiffusionModel:
+    return instantiate(cfg.model, device=cfg.get("device", "cpu"))
+
+
+def class_labels(cfg: DictConfig, model: DiffusionModel, seeds: list[int]) -> torch.Tensor | None:
+    """Labels for class-conditional models: ``labels`` from the config, or seed % num_classes."""
+    if model.conditioning != "class":
+        return None
+    labels = cfg.get("labels")
+    if labels is None:
+        labels = [s % model.num_classes for s in seeds]
+    labels = list(labels)
+    if len(labels) not in (1, len(seeds)) or any(not 0 <= int(v) < model.num_classes for v in labels):
+        raise SagConfigError(f"labels={labels}; accepted: one label or one per seed, each in "
+                             f"[0, {model.num_classes})")
+    return torch.tensor([int(v) for v in labels], dtype=torch.long)

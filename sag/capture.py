@@ -1,0 +1,293 @@
+"""How to hook: record self-attention of selected layers during any forward pass.
+
+``capture_attention(net, layers, reductions)`` swaps a :class:`RecordingProcessor` onto the selected
+``Attention`` modules only and restores the original processors in ``finally``. The recording processor
+computes q, k, v exactly as diffusers' ``AttnProcessor2_0`` and produces the layer output with the same
+``scaled_dot_product_attention`` call, so outputs are bit-identical to an uncaptured forward; the
+attention probabilities are computed explicitly (softmax(q k^T / sqrt(d))) only for the recording and
+reduced on the fly. The query grid (h, w) is read from the real hidden-state shape: from the 4-D input
+of the layer itself, or from the nearest enclosing module whose (B, C, H, W) input holds the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import Tensor, nn
+
+from sag.attention import select_layers
+from sag.errors import SagConfigError
+
+# full: (b, heads, q, k) | head_mean: (b, q, k) | received: (b, h, w) attention mass each key receives,
+# summed over queries after the head mean (the quantity SAG thresholds; its mean over keys is exactly 1)
+# | query_subsample: (b, h', w', k) head-mean rows of every stride-th query in each grid direction
+# | row_entropy: (b, h, w) entropy of each query's attention row, head mean.
+REDUCTIONS = ("full", "head_mean", "received", "query_subsample", "row_entropy")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class CaptureSpec:
+    """What to record. ``layers`` are glob / ``re:`` patterns (see :mod:`sag.attention`)."""
+
+    layers: list[str] = field(default_factory=lambda: ["*"])
+    reductions: list[str] = field(default_factory=lambda: ["received"])
+    include_cross: bool = False
+    query_stride: int = 4
+    dtype: str = "float32"  # storage dtype of records
+    record_x0: bool = True  # also store the x0 estimate of every step
+    exact: bool = True  # layer outputs bit-identical to uncaptured runs (see RecordingProcessor)
+
+    def __post_init__(self) -> None:
+        self.layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
+        self.reductions = [self.reductions] if isinstance(self.reductions, str) else list(self.reductions)
+        bad = [r for r in self.reductions if r not in REDUCTIONS]
+        if bad or not self.reductions:
+            raise SagConfigError(f"capture reductions {bad or '[]'} not valid; accepted: {list(REDUCTIONS)}")
+        if int(self.query_stride) < 1:
+            raise SagConfigError(f"capture query_stride={self.query_stride}; accepted: an integer >= 1")
+        if self.dtype not in STORAGE_DTYPES:
+            raise SagConfigError(f"capture dtype {self.dtype!r}; accepted: {list(STORAGE_DTYPES)}")
+
+
+@dataclass
+class AttentionRecord:
+    """The reduced attention of one layer in one model call (rows = the call's batch)."""
+
+    layer: str
+    call: int  # index of the model call since the store was last popped
+    grid: tuple[int, int]  # (h, w) of the query tokens
+    cross: bool
+    data: dict[str, Tensor]
+
+
+class AttentionStore:
+    """Collects :class:`AttentionRecord`s; ``pop()`` hands them over and clears, so memory stays flat
+    when the consumer pops once per sampler step."""
+
+    def __init__(self) -> None:
+        self.records: list[AttentionRecord] = []
+        self.call = -1
+
+    def begin_call(self) -> None:
+        self.call += 1
+
+    def pop(self) -> list[AttentionRecord]:
+        out, self.records, self.call = self.records, [], -1
+        return out
+
+
+@dataclass
+class _Sink:
+    store: AttentionStore
+    reductions: tuple[str, ...]
+    query_stride: int
+
+
+def reduce_probs(probs: Tensor, grid: tuple[int, int], cross: bool, reductions: Iterable[str], stride: int):
+    """Apply the named reductions to ``probs`` (b, heads, q, k) float32."""
+    b, heads, q, k = probs.shape
+    h, w = grid
+    out: dict[str, Tensor] = {}
+    mean = None
+    for r in reductions:
+        if r == "full":
+            out[r] = probs.clone()
+            continue
+        if r == "row_entropy":
+            ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)
+            out[r] = ent.reshape(b, h, w)
+            continue
+        if r == "received" and mean is None:
+            rec = probs.sum((1, 2)) / heads  # = head mean summed over queries, without the (b, q, k) mean
+            out[r] = rec if cross else rec.reshape(b, h, w)
+            continue
+        if mean is None:
+            mean = probs.mean(1)
+        if r == "head_mean":
+            out[r] = mean
+        elif r == "received":
+            rec = mean.sum(1)
+            out[r] = rec if cross else rec.reshape(b, h, w)
+        elif r == "query_subsample":
+            out[r] = mean.reshape(b, h, w, k)[:, ::stride, ::stride].contiguous()
+    return out
+
+
+class GridTracker:
+    """Remembers the spatial size of the latest 4-D input of the ancestors of the captured layers."""
+
+    def __init__(self, net: nn.Module, layer_names: Iterable[str]):
+        self.ancestors: dict[str, list[str]] = {}
+        self.hw: dict[str, tuple[int, int]] = {}
+        modules = dict(net.named_modules())
+        self.handles = []
+        hooked: set[str] = set()
+        for name in layer_names:
+            parts = name.split(".")
+            chain = [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]  # nearest first, root ""
+            self.ancestors[name] = chain
+            for anc in chain:
+                if anc not in hooked:
+                    hooked.add(anc)
+                    self.handles.append(
+                        modules[anc].register_forward_pre_hook(self._hook(anc), with_kwargs=True)
+                    )
+
+    def _hook(self, anc: str):
+        def hook(_module, args, kwargs):
+            for v in list(args) + list(kwargs.values()):
+                if isinstance(v, Tensor) and v.ndim == 4:
+                    self.hw[anc] = (int(v.shape[-2]), int(v.shape[-1]))
+                    return
+
+        return hook
+
+    def resolve(self, name: str, tokens: int) -> tuple[int, int]:
+        for anc in self.ancestors[name]:
+            if anc not in self.hw:
+                continue
+            hh, ww = self.hw[anc]
+            if hh * ww == tokens:
+                return hh, ww
+            ratio = hh * ww / tokens
+            r = int(round(math.sqrt(ratio)))
+            if r > 1 and r * r * tokens == hh * ww and hh % r == 0 and ww % r == 0:
+                return hh // r, ww // r  # patchified (e.g. DiT with patch size r)
+        raise RuntimeError(f"cannot find the token grid of layer {name!r}: {tokens} tokens and no enclosing "
+                           "module saw a (B, C, H, W) input that holds them")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class RecordingProcessor:
+    """``AttnProcessor2_0`` plus an explicit softmax for recording (see module docstring).
+
+    ``exact=True`` computes the layer output with the same SDPA call as ``AttnProcessor2_0`` (bit-identical
+    outputs, one extra softmax per captured layer); ``exact=False`` multiplies the recorded probabilities
+    with v instead (no second attention, outputs equal up to float rounding, ~1e-6).
+    """
+
+    def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, exact: bool = True):
+        self.name, self.sinks, self.tracker, self.exact = name, sinks, tracker, exact
+
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        # --- identical to diffusers AttnProcessor2_0 ---
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        cross = encoder_hidden_states is not None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # --- recording: the probabilities SDPA computes internally (default scale 1/sqrt(head_dim)) ---
+        with torch.no_grad():
+            grid = (height, width) if input_ndim == 4 else self.tracker.resolve(self.name, query.shape[2])
+            # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
+            scores = torch.matmul(query.float() * head_dim**-0.5, key.float().transpose(-1, -2))
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            probs = scores.softmax(-1)
+            for sink in self.sinks:
+                data = reduce_probs(probs, grid, cross, sink.reductions, sink.query_stride)
+                sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, data))
+
+            if not self.exact:  # reuse the probabilities: cheaper, equal to SDPA up to float rounding
+                hidden_states = torch.matmul(probs.to(value.dtype), value)
+            del scores, probs
+
+        # --- identical to diffusers AttnProcessor2_0 ---
+        if self.exact:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def capture_attention(
+    net: nn.Module,
+    layers: str | Iterable[str] = "*",
+    reductions: Iterable[str] = ("received",),
+    include_cross: bool = False,
+    query_stride: int = 4,
+    store: AttentionStore | None = None,
+    exact: bool = True,
+) -> Iterator[AttentionStore]:
+    """Record the attention of the layers matching ``layers`` while the block runs.
+
+    >>> with capture_attention(unet, "mid_block.*", ["received"]) as store:
+    ...     unet(x, t)
+    ...     maps = store.pop()   # one AttentionRecord per layer and call
+
+    ``exact`` is explained in :class:`RecordingProcessor`.
+    """
+    reductions = tuple(reductions)
+    CaptureSpec(layers=["*"], reductions=list(reductions), query_stride=query_stride)  # validates
+    names = select_layers(net, layers, include_cross)
+    modules = dict(net.named_modules())
+    for n in names:
+        proc = modules[n].processor
+        if not isinstance(proc, AttnProcessor2_0 | RecordingProcessor):
+            raise SagConfigError(f"layer {n!r} uses {type(proc).__name__}; capture supports layers running "
+                                 "diffusers' default AttnProcessor2_0")
+    store = store if store is not None else AttentionStore()
+    originals: dict[str, object] = {}
+    tracker = GridTracker(net, names)
+    call_hook = net.register_forward_pre_hook(lambda *_: store.begin_call())
+    try:
+        for n in names:
+            orig = modules[n].processor
+            sinks = list(orig.sinks) if isinstance(orig, RecordingProcessor) else []
+            sinks.append(_Sink(store, reductions, int(query_stride)))
+            originals[n] = orig
+            modules[n].set_processor(RecordingProcessor(n, sinks, tracker, exact and getattr(orig, "exact", True)))
+        yield store
+    finally:
+        for n, orig in originals.items():
+            modules[n].set_processor(orig)
+        call_hook.remove()
+        tracker.remove()

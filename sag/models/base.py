@@ -1,0 +1,137 @@
+"""``DiffusionModel``: a denoising network bundled with everything needed to sample and guide it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sag.schedule import PREDICTION_TYPES, VPSchedule
+
+CONDITIONING = ("none", "class", "text")
+
+
+@dataclass(eq=False)
+class DiffusionModel:
+    """Network + noise schedule + prediction type + conditioning + optional latent decoder.
+
+    Calling it is the model-call contract every guidance wrapper keeps:
+    ``model(x_t, t, cond) -> raw network output`` (``2C`` channels for learned-variance models; use
+    :meth:`split` to separate the prediction from the variance).
+    """
+
+    name: str
+    net: nn.Module
+    alphas_cumprod: Tensor
+    prediction_type: str = "epsilon"
+    learned_variance: bool = False
+    conditioning: str = "none"
+    num_classes: int | None = None  # real classes; label ``num_classes`` is the null class when present
+    has_null_class: bool = False
+    null_text: Tensor | None = None  # (1, L, D) embedding of the empty prompt for text models
+    decoder: nn.Module | None = None  # latent models: a diffusers AutoencoderKL
+    latent_scale: float = 1.0  # latents = vae.encode(x) * latent_scale (SD: 0.18215)
+    sample_size: tuple[int, int] = (32, 32)  # default (H, W) in model space
+    in_channels: int = 3
+    clip_denoised: bool = True  # clip x0 estimates to [-1, 1] (pixel models, as ADM's clip_denoised)
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    source: str = "code"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r}; accepted: {PREDICTION_TYPES}")
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning {self.conditioning!r}; accepted: {CONDITIONING}")
+        self.net.eval().requires_grad_(False)
+        if self.decoder is not None:
+            self.decoder.eval().requires_grad_(False)
+
+    # --- the model call -------------------------------------------------------------------------------
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if self.conditioning == "class":
+            if cond is None:
+                raise ValueError(f"model {self.name!r} is class-conditional: pass class labels as cond")
+            return self.net(x_t, t, class_labels=cond).sample
+        if self.conditioning == "text":
+            if cond is None:
+                cond = self.null_cond(x_t.shape[0])
+            return self.net(x_t, t, encoder_hidden_states=cond).sample
+        return self.net(x_t, t).sample
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(prediction, learned variance or None); the variance is the second half of the channels."""
+        if not self.learned_variance:
+            return out, None
+        c = out.shape[1] // 2
+        return out[:, :c], out[:, c:]
+
+    @cached_property
+    def schedule(self) -> VPSchedule:
+        return VPSchedule(self.alphas_cumprod)
+
+    # --- conditioning -----------------------------------------------------------------------------------
+    def null_cond(self, batch: int) -> Tensor | None:
+        """The unconditional input: null class label, empty-prompt embedding, or None."""
+        if self.conditioning == "class":
+            if not self.has_null_class:
+                raise ValueError(f"model {self.name!r} has no null class (trained without label dropout)")
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=self.device)
+        if self.conditioning == "text":
+            if self.null_text is None:
+                raise ValueError(f"model {self.name!r} has no empty-prompt embedding")
+            return self.null_text.to(self.device).expand(batch, -1, -1)
+        return None
+
+    # --- images -----------------------------------------------------------------------------------------
+    @property
+    def is_latent(self) -> bool:
+        return self.decoder is not None
+
+    @torch.no_grad()
+    def to_images(self, x: Tensor) -> Tensor:
+        """Model-space samples -> images in [-1, 1] (decodes latents)."""
+        if self.decoder is not None:
+            x = self.decoder.decode(x / self.latent_scale).sample
+        return x.clamp(-1, 1)
+
+    # --- device -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if not kw:
+            return self
+        self.net.to(**kw)
+        if self.decoder is not None:
+            self.decoder.to(**kw)
+        if self.null_text is not None:
+            self.null_text = self.null_text.to(**kw)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary written next to every run."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "prediction_type": self.prediction_type,
+            "learned_variance": self.learned_variance,
+            "conditioning": self.conditioning,
+            "num_classes": self.num_classes,
+            "latent": self.is_latent,
+            "sample_size": list(self.sample_size),
+            "in_channels": self.in_channels,
+            "parameters": sum(p.numel() for p in self.net.parameters()),
+            "num_train_timesteps": int(self.alphas_cumprod.numel()),
+        }

@@ -1,0 +1,97 @@
+"""The variance-preserving (VP) noise schedule at a continuous model timestep ``t``.
+
+x_t = sqrt(alpha_bar(t)) x_0 + sqrt(1 - alpha_bar(t)) eps   (DDPM, Ho et al. 2020, Eq. 4)
+
+``alphas_cumprod`` is only known at integer training timesteps. Euler-type schedulers call the model at
+float ``t``, obtained by interpolating log-sigma (sigma = sqrt((1 - alpha_bar) / alpha_bar)) between the two
+neighbouring integer timesteps; we invert exactly that map, as k-diffusion's ``DiscreteSchedule.t_to_sigma``
+does, so guidance computed here agrees with whatever scheduler produced ``t``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class VPSchedule:
+    """Conversions between the model's prediction, eps, x0 and v at timestep ``t`` (int or float)."""
+
+    def __init__(self, alphas_cumprod: Tensor):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if ac.numel() < 2 or not torch.all((ac > 0) & (ac <= 1)):
+            raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1]")
+        self.alphas_cumprod = ac
+        self.log_sigmas = 0.5 * torch.log((1 - ac).clamp_min(1e-30) / ac)
+        self.num_train_timesteps = ac.numel()
+
+    # --- schedule at continuous t -------------------------------------------------------------------
+    def log_sigma(self, t: Tensor | float) -> Tensor:
+        """Piecewise-linear interpolation of log sigma over integer t (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp_max(self.num_train_timesteps - 1)
+        w = t - low
+        return (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self.log_sigma(t).exp()
+
+    def alpha_bar(self, t: Tensor | float) -> Tensor:
+        """alpha_bar(t) = 1 / (1 + sigma(t)^2); exact at integer t."""
+        t64 = torch.as_tensor(t, dtype=torch.float64)
+        integral = t64 == t64.round()
+        exact = self.alphas_cumprod[t64.round().long().clamp(0, self.num_train_timesteps - 1)]
+        return torch.where(integral, exact, torch.sigmoid(-2 * self.log_sigma(t64)))
+
+    def coefficients(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) shaped (b, 1, ..., 1) in ``like``'s dtype and device."""
+        ab = self.alpha_bar(t)
+        if ab.ndim == 0:
+            ab = ab.expand(like.shape[0])
+        if ab.shape[0] != like.shape[0]:
+            raise ValueError(f"t has {ab.shape[0]} entries for a batch of {like.shape[0]}")
+        shape = (like.shape[0],) + (1,) * (like.ndim - 1)
+        a = ab.sqrt().reshape(shape).to(like.device, like.dtype)
+        s = (1 - ab).sqrt().reshape(shape).to(like.device, like.dtype)
+        return a, s
+
+    # --- conversions ----------------------------------------------------------------------------------
+    def to_x0(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
+        """x0 estimate. eps: (x - s eps) / a;  v: a x - s v  (Salimans & Ho 2022, v = a eps - s x0)."""
+        a, s = self.coefficients(t, x_t)
+        if prediction_type == "epsilon":
+            return (x_t - s * pred) / a
+        if prediction_type == "v_prediction":
+            return a * x_t - s * pred
+        if prediction_type == "sample":
+            return pred
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+
+    def to_eps(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
+        a, s = self.coefficients(t, x_t)
+        if prediction_type == "epsilon":
+            return pred
+        if prediction_type == "v_prediction":
+            return s * x_t + a * pred
+        if prediction_type == "sample":
+            return (x_t - a * pred) / s
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
+        """The prediction of type ``prediction_type`` that corresponds to (x0, eps) at t."""
+        a, s = self.coefficients(t, x0)
+        if prediction_type == "epsilon":
+            return eps
+        if prediction_type == "v_prediction":
+            return a * eps - s * x0
+        if prediction_type == "sample":
+            return x0
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+        """q(x_t | x_0) with a given noise: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * eps
