@@ -92,7 +92,7 @@ class _Sink:
 
 def reduce_probs(probs: Tensor, grid: tuple[int, int], cross: bool, reductions: Iterable[str], stride: int):
     """Apply the named reductions to ``probs`` (b, heads, q, k) float32."""
-    b, heads, q, k = probs.shape
+    b, _, q, k = probs.shape
     h, w = grid
     out: dict[str, Tensor] = {}
     mean = None
@@ -103,10 +103,6 @@ def reduce_probs(probs: Tensor, grid: tuple[int, int], cross: bool, reductions: 
         if r == "row_entropy":
             ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)
             out[r] = ent.reshape(b, h, w)
-            continue
-        if r == "received" and mean is None:
-            rec = probs.sum((1, 2)) / heads  # = head mean summed over queries, without the (b, q, k) mean
-            out[r] = rec if cross else rec.reshape(b, h, w)
             continue
         if mean is None:
             mean = probs.mean(1)

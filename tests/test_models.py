@@ -98,3 +98,19 @@ def test_diffusers_dir_bad_paths(tmp_path):
 def test_unknown_model():
     with pytest.raises(SagConfigError, match="accepted"):
         load_model("nope")
+
+
+def test_diffusers_dir_class_model_with_null_class(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = tiny_pixel_unet(num_class_embeds=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    plain = load_model("diffusers_dir", path=str(tmp_path / "pipe"))
+    assert plain.conditioning == "class" and plain.num_classes == 4 and not plain.has_null_class
+    (tmp_path / "pipe" / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"], "null_class": 3}))
+    m = load_model("diffusers_dir", path=str(tmp_path / "pipe"))
+    assert m.num_classes == 3 and m.has_null_class and m.class_names == ["a", "b", "c"]
+    assert m.null_cond(2).tolist() == [3, 3]
+    (tmp_path / "pipe" / "classes.json").write_text(json.dumps({"classes": ["a"], "null_class": 0}))
+    with pytest.raises(SagConfigError, match="null_class 0 is not the last"):
+        load_model("diffusers_dir", path=str(tmp_path / "pipe"))

@@ -31,6 +31,7 @@ class DiffusionModel:
     conditioning: str = "none"
     num_classes: int | None = None  # real classes; label ``num_classes`` is the null class when present
     has_null_class: bool = False
+    class_names: list[str] | None = None
     null_text: Tensor | None = None  # (1, L, D) embedding of the empty prompt for text models
     decoder: nn.Module | None = None  # latent models: a diffusers AutoencoderKL
     latent_scale: float = 1.0  # latents = vae.encode(x) * latent_scale (SD: 0.18215)
@@ -129,6 +130,7 @@ class DiffusionModel:
             "learned_variance": self.learned_variance,
             "conditioning": self.conditioning,
             "num_classes": self.num_classes,
+            "class_names": self.class_names,
             "latent": self.is_latent,
             "sample_size": list(self.sample_size),
             "in_channels": self.in_channels,

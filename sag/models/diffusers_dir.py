@@ -84,9 +84,21 @@ def load_diffusers_dir(
     size = cfg.get("sample_size", 32)
     size = tuple(size) if isinstance(size, list | tuple) else (int(size), int(size))
     conditioning = "text" if cls_name == "UNet2DConditionModel" else "none"
-    num_classes = None
+    num_classes, has_null, class_names = None, False, None
     if cls_name == "UNet2DModel" and cfg.get("num_class_embeds"):
         conditioning, num_classes = "class", int(cfg["num_class_embeds"])
+        # classes.json (written by experiments.train) names the classes and the null class, which is
+        # the last embedding, used for classifier-free guidance; without it every embedding is a class.
+        classes_file = root / "classes.json"
+        if classes_file.is_file():
+            info = _read_json(classes_file)
+            class_names = list(info.get("classes", [])) or None
+            null = info.get("null_class")
+            if null is not None:
+                if int(null) != num_classes - 1:
+                    raise SagConfigError(f"{classes_file}: null_class {null} is not the last of "
+                                         f"{num_classes} class embeddings")
+                num_classes, has_null = num_classes - 1, True
     return DiffusionModel(
         name=root.name,
         net=net,
@@ -95,6 +107,8 @@ def load_diffusers_dir(
         learned_variance=learned,
         conditioning=conditioning,
         num_classes=num_classes,
+        has_null_class=has_null,
+        class_names=class_names,
         decoder=vae,
         latent_scale=latent_scale,
         sample_size=size,
