@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.common import build_model, check_positive, class_labels, user_errors
 from sag.attention import select_layers
 from sag.errors import SagConfigError
-from sag.runs import run_capture
+from sag.runs import run_sampling
 from sag.seeds import parse_seeds
 
 
@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
         cond = class_labels(cfg, model, seeds)
     out = Path(HydraConfig.get().runtime.output_dir)
     print(f"capturing {len(layers)} layer(s) of {model.name} over {steps} steps for {len(seeds)} seeds -> {out}")
-    manifest = run_capture(model, scheduler, out, steps=steps, seeds=seeds, capture=spec,
+    manifest = run_sampling(model, scheduler, out, steps=steps, seeds=seeds, capture=spec,
                            batch_size=batch_size, cond=cond, size=size, progress=cfg.progress,
                            meta={"layers": layers, "config": OmegaConf.to_container(cfg, resolve=True)})
     print(f"samples: {manifest['samples']}")

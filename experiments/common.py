@@ -53,3 +53,11 @@ def class_labels(cfg: DictConfig, model: DiffusionModel, seeds: list[int]) -> to
         raise SagConfigError(f"labels={labels}; accepted: one label or one per seed, each in "
                              f"[0, {model.num_classes})")
     return torch.tensor([int(v) for v in labels], dtype=torch.long)
+
+
+def load_classifier(cfg: DictConfig, model: DiffusionModel):
+    """The noise-aware classifier for classifier guidance: ``classifier`` (a directory written by
+    ``experiments.train_evaluators``) or the embedded one."""
+    from sag.evaluators import load_noisy_classifier  # imported lazily: only CG needs it
+
+    return load_noisy_classifier(cfg.get("classifier")).to(model.device)

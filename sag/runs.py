@@ -59,22 +59,24 @@ def load_samples(run_dir: str | Path) -> tuple[list[int], Tensor]:
     return [seeds[i] for i in order], torch.cat(xs)[torch.as_tensor(order)]
 
 
-def run_capture(
+def run_sampling(
     model: DiffusionModel,
     scheduler: SchedulerMixin,
     out_dir: str | Path,
     *,
     steps: int,
     seeds: list[int],
-    capture: CaptureSpec | None,
+    capture: CaptureSpec | None = None,
+    model_fn=None,
     batch_size: int = 8,
     cond: Tensor | None = None,
     size: tuple[int, int] | None = None,
     meta: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Sample ``seeds``; write images and samples to ``samples/`` and (if ``capture``) attention records
-    of every step to ``records/``. Returns the manifest written to ``run.json``."""
+    """Sample ``seeds`` with ``model_fn`` (a guidance wrapper; default the model); write images and samples
+    to ``samples/`` and (if ``capture``) attention records of every step to ``records/``. Returns the
+    manifest written to ``run.json``. Capture records the first model call of each step (call 0)."""
     out = Path(out_dir)
     samples_dir = out / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,8 @@ def run_capture(
             save_file({"x": x.contiguous()}, tmp, metadata={"seeds": json.dumps(bseeds)})
             tmp.replace(path)
 
-        x = sample(model, scheduler, steps=steps, seeds=seeds, cond=cond, batch_size=batch_size, size=size,
-                   callback=on_step if writer else None, on_batch_end=on_batch_end, progress=progress)
+        x = sample(model, scheduler, steps=steps, seeds=seeds, model_fn=model_fn, cond=cond, batch_size=batch_size,
+                   size=size, callback=on_step if writer else None, on_batch_end=on_batch_end, progress=progress)
 
     save_grid(to_uint8(model.to_images(x[:64].to(model.device, model.dtype))), samples_dir / "grid.png")
     manifest = dict(info, status="complete", wall_s=round(time.time() - started, 3),

@@ -65,8 +65,9 @@ def sample(
     """Sample one image per seed; returns model-space samples (n, C, H, W) on the CPU.
 
     ``model_fn`` is the model-call contract ``(x_t, t, cond) -> raw output`` (default: the model
-    itself); guidance is a wrapper with the same contract. If it has ``begin_step(step, num_steps)``,
-    that is called before each iteration. ``cond`` holds one row per seed (or one row for all).
+    itself); guidance is a wrapper with the same contract. If it has ``validate(size)``, that is called
+    once before sampling; ``begin_step(step, num_steps)``, before each iteration. ``cond`` holds one row
+    per seed (or one row for all).
     """
     if steps <= 0:
         raise SagConfigError(f"steps={steps}; accepted: a positive integer")
@@ -77,6 +78,8 @@ def sample(
     model_fn = model_fn or model
     h, w = size or model.sample_size
     device, dtype = model.device, model.dtype
+    if hasattr(model_fn, "validate"):
+        model_fn.validate((h, w))  # e.g. a blur kernel larger than the sample: fail before any work
     template = type(scheduler).from_config(scheduler.config)
     template.set_timesteps(steps)
     per_batch = len(template.timesteps)

@@ -10,12 +10,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from sag.capture import CaptureSpec
+from sag.guidance import KINDS
 from sag.models import MODELS
 from sag.schedulers import SCHEDULERS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-PRIMARY = ["capture"]
+PRIMARY = ["capture", "sample"]
 
 
 def _options(group):
@@ -30,6 +31,25 @@ def _compose(name, overrides=()):
 def test_groups_match_registries():
     assert set(_options("scheduler")) == set(SCHEDULERS)
     assert set(_options("model")) == set(MODELS)
+    assert set(_options("guidance")) == set(KINDS)
+
+
+@pytest.mark.parametrize("model", ["tiny_pixel_cond", "tiny_sd"])
+@pytest.mark.parametrize("guidance", [k for k in KINDS if k not in ("cg", "sag_cg")])
+def test_guidance_configs_instantiate(model, guidance):
+    if model == "tiny_sd" and guidance == "cg":
+        pytest.skip("classifier guidance needs class labels")
+    cfg = _compose("sample", [f"model={model}", f"guidance={guidance}"])
+    m = instantiate(cfg.model)
+    g = instantiate(cfg.guidance, _convert_="all")(m)
+    assert g is m if guidance == "none" else callable(g)
+
+
+def test_model_guidance_defaults_apply():
+    cfg = _compose("sample", ["model=tiny_sd", "guidance=sag"])
+    assert cfg.guidance.layers == "mid_block.attentions.0.transformer_blocks.0.attn1"
+    cfg = _compose("sample", ["model=diffusers_dir", "model.path=/x", "guidance=sag", "model_guidance=adm256"])
+    assert (cfg.guidance.kernel_size, cfg.guidance.blur_sigma, cfg.guidance.sag_scale) == (31, 9.0, 0.5)
 
 
 @pytest.mark.parametrize("primary", PRIMARY)
@@ -62,9 +82,9 @@ def test_debug_overlays_compose(overlay):
     assert _compose("capture", [f"debug={overlay}", "model=tiny_sd"]).model.name == "tiny_sd"
 
 
-def _run(tmp_path, *overrides):
+def _run(tmp_path, *overrides, entry="capture"):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.capture", f"hydra.run.dir={tmp_path}", *overrides],
+        [sys.executable, "-m", f"experiments.{entry}", f"hydra.run.dir={tmp_path}", *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
 
@@ -98,3 +118,31 @@ def test_bad_input_is_one_line_and_leaves_no_complete_run(tmp_path, override, me
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert not (out / "run.json").exists() and not (out / "records").exists()
+
+
+@pytest.mark.slow
+def test_sample_entry_point_paired_multirun(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", "--multirun", "debug=tiny", "model=tiny_pixel_cond",
+         "guidance=none,sag_cfg", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.rglob("run.json"))
+    assert [p.name for p in runs] == ["0_none", "1_sag_cfg"]
+    from sag.runs import load_samples
+
+    (s0, x0), (s1, x1) = load_samples(runs[0]), load_samples(runs[1])
+    assert s0 == s1 == [0, 1] and not (x0 == x1).all()  # same seeds, different guidance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("guidance.sag_scale=nan", "sag scale=nan; accepted: a finite number"),
+    ("guidance.psi=0", "psi=0"),
+    ("guidance.kernel_size=8", "kernel_size=8; accepted: an odd positive integer"),
+    ("guidance.layers=nomatch", "layer pattern 'nomatch' matches no attention layer"),
+])
+def test_sample_bad_guidance(tmp_path, override, message):
+    res = _run(tmp_path / "run", "debug=tiny", override, entry="sample")
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

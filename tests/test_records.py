@@ -5,7 +5,7 @@ import torch
 
 from sag.capture import AttentionRecord, CaptureSpec
 from sag.records import RecordReader, RecordsError, RecordWriter, build_index
-from sag.runs import load_samples, run_capture
+from sag.runs import load_samples, run_sampling
 from sag.schedulers import make_scheduler
 
 
@@ -85,7 +85,7 @@ def test_missing_seed_is_an_error(tmp_path):
         RecordReader(tmp_path / "rec").get("c", "head_mean", 0, [4, 5], call=1)
 
 
-def test_run_capture_streams_records(tmp_path, tiny_pixel, monkeypatch):
+def test_run_sampling_streams_records(tmp_path, tiny_pixel, monkeypatch):
     sizes = []
     spec = CaptureSpec(layers=["*"], reductions=["received", "row_entropy"])
     orig = RecordWriter.write_step
@@ -95,7 +95,7 @@ def test_run_capture_streams_records(tmp_path, tiny_pixel, monkeypatch):
         return orig(self, **kw)
 
     monkeypatch.setattr(RecordWriter, "write_step", spy)
-    manifest = run_capture(tiny_pixel, make_scheduler(tiny_pixel, "ddim"), tmp_path, steps=6,
+    manifest = run_sampling(tiny_pixel, make_scheduler(tiny_pixel, "ddim"), tmp_path, steps=6,
                            seeds=[0, 1, 2], capture=spec, batch_size=2, progress=False)
     # each shard holds exactly one step's records: nothing accumulates across steps
     assert sizes == [4] * 12

@@ -1,0 +1,114 @@
+"""Self-Attention Guidance (Hong et al. 2023) and its global variant, blur guidance, as a wrapper.
+
+Per guided step (paper Sec. 4, official ``p_sample``/``ddim_sample``):
+1. one model call on x_t (batched with the unconditional branch under CFG) while the selected
+   self-attention layers are captured: eps(x_t) and the received-attention map A_t;
+2. M_t = nearest-upsampled [received(A_t) > psi] (union over the selected layers; all ones for blur
+   guidance);
+3. x0 estimate from eps(x_t) (clipped for pixel models, as ADM's clip_denoised);
+4. x_bar_t = sqrt(ab) [(1 - M) x0 + M G_sigma(x0)] + sqrt(1 - ab) eps(x_t)  (same t, same noise);
+5. a second model call on x_bar_t (unconditional under CFG);
+6. eps~ = eps + s (eps - eps(x_bar_t))  (Eq. 16), or with CFG Eq. 25.
+Learned variance is taken from the first pass. Outside the window a step costs one model call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sag.attention import select_layers
+from sag.capture import AttentionStore, capture_attention
+from sag.errors import SagConfigError
+from sag.guidance.base import Guidance, Window, check_scale
+from sag.guidance.cfg import require_cond, uncond_cond_batch
+from sag.guidance.functions import attention_mask, cfg_combine, degrade, sag_cfg_combine, sag_combine, union_masks
+from sag.models.base import DiffusionModel
+
+MASKS = ("attention", "global")
+
+
+class SelfAttentionGuidance(Guidance):
+    """SAG (``mask="attention"``) or blur guidance (``mask="global"``), optionally with CFG (Eq. 25).
+
+    ``scale`` is the paper's s (0 = off; the official code's flag is 1 + s). ``layers`` are name patterns
+    (see :mod:`sag.attention`); several layers give the union of their masks. ``cfg_scale`` is w of
+    classifier-free guidance (0 = no CFG), with its own ``cfg_start``/``cfg_stop`` window.
+    """
+
+    def __init__(self, model: DiffusionModel, scale: float = 0.75, layers="mid_block.*", psi: float = 1.0,
+                 kernel_size: int = 9, blur_sigma: float = 1.0, mask: str = "attention", cfg_scale: float = 0.0,
+                 start: float = 0.0, stop: float = 1.0, cfg_start: float = 0.0, cfg_stop: float = 1.0,
+                 inner=None):
+        super().__init__(model, inner, start, stop)
+        self.scale = check_scale("sag scale", scale)
+        self.cfg_scale = check_scale("cfg scale", cfg_scale)
+        self.psi = check_scale("psi", psi)
+        self.blur_sigma = check_scale("blur_sigma", blur_sigma)
+        if mask not in MASKS:
+            raise SagConfigError(f"mask={mask!r}; accepted: {list(MASKS)}")
+        if self.psi <= 0:
+            raise SagConfigError(f"psi={psi}; accepted: psi > 0 (1.0 = above-mean received attention)")
+        if self.blur_sigma <= 0:
+            raise SagConfigError(f"blur_sigma={blur_sigma}; accepted: sigma > 0")
+        if isinstance(kernel_size, bool) or int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
+            raise SagConfigError(f"kernel_size={kernel_size}; accepted: an odd positive integer")
+        self.kernel_size = int(kernel_size)
+        self.mask = mask
+        self.layers = select_layers(model.net, layers) if mask == "attention" else []
+        if self.cfg_scale != 0:
+            require_cond(model, "SAG with classifier-free guidance")
+        self.cfg_window = Window(cfg_start, cfg_stop)
+        self.store = AttentionStore()
+
+    def begin_step(self, step: int, num_steps: int) -> None:
+        super().begin_step(step, num_steps)
+        self.cfg_window.update(step, num_steps)
+
+    def validate(self, size: tuple[int, int]) -> None:
+        super().validate(size)
+        if self.kernel_size > min(size):
+            raise SagConfigError(f"kernel_size={self.kernel_size} is larger than the {size[0]}x{size[1]} "
+                                 "sample; accepted: an odd size <= the smaller side")
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        use_cfg = self.cfg_scale != 0 and self.cfg_window.active
+        if not (self.window.active and self.scale != 0):
+            return self._cfg_only(x, t, cond) if use_cfg else self.inner(x, t, cond)
+        b = x.shape[0]
+        xx, tt, cc = uncond_cond_batch(self.model, x, t, cond) if use_cfg else (x, t, cond)
+        # 1. first pass, capturing attention of the selected layers
+        if self.mask == "attention":
+            with capture_attention(self.model.net, self.layers, ["received"], store=self.store):
+                out = self.inner(xx, tt, cc)
+            records = [r for r in self.store.pop() if r.call == 0]
+        else:
+            out, records = self.inner(xx, tt, cc), []
+        eps, var = self.to_eps(out, xx, tt)
+        eps_u = eps[:b]  # the unconditional branch under CFG: it supplies x0, the map and the noise (Eq. 25)
+        # 2. mask
+        size = tuple(x.shape[-2:])
+        if records:
+            mask = union_masks([attention_mask(r.data["received"][:b], self.psi, size) for r in records])
+            mask = mask.to(x.dtype)
+        else:
+            mask = torch.ones(b, 1, *size, dtype=x.dtype, device=x.device)
+        # 3-4. degraded input
+        x_bar = degrade(self.x0(eps_u, x, t), eps_u, mask, t, self.model.schedule, self.kernel_size,
+                        self.blur_sigma)
+        # 5. second pass (unconditional under CFG, else the same condition)
+        deg_cond = cc[:b] if use_cfg else cond
+        eps_deg, _ = self.to_eps(self.inner(x_bar, t, deg_cond), x_bar, t)
+        # 6. combine
+        if use_cfg:
+            guided = sag_cfg_combine(eps_u, eps[b:], eps_deg, self.cfg_scale, self.scale)
+            var = None if var is None else var[b:]
+        else:
+            guided = sag_combine(eps_u, eps_deg, self.scale)
+        return self.from_eps(guided, x, t, var)
+
+    def _cfg_only(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        b = x.shape[0]
+        xx, tt, cc = uncond_cond_batch(self.model, x, t, cond)
+        eps, var = self.to_eps(self.inner(xx, tt, cc), xx, tt)
+        return self.from_eps(cfg_combine(eps[:b], eps[b:], self.cfg_scale), x, t, None if var is None else var[b:])
