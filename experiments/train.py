@@ -1,0 +1,30 @@
+"""Train the class-conditional diffusion model on the embedded scenes (logic in sag.training).
+
+    python -m experiments.train out_dir=outputs/train_embedded threads=1 train.max_minutes=120
+
+Rerunning the same command resumes from ``<out_dir>/checkpoints/last.pt``. Writes ``loss.csv``,
+``checkpoints/last.pt`` and ``export/`` (EMA weights as a local diffusers directory) into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.common import user_errors
+from sag.training import train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    out = HydraConfig.get().runtime.output_dir  # = out_dir, resolved once at startup
+    with user_errors():
+        summary = train(cfg, out)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
