@@ -154,10 +154,20 @@ class RecordReader:
                                f"{self.meta.get('version')!r}; this reader reads {FORMAT} version {VERSION}")
         idx_path = self.root / "index.parquet"
         self.complete = idx_path.is_file()
-        self.index = pd.read_parquet(idx_path) if self.complete else build_index(self.root)
+        shards = build_index(self.root)  # reads only the shards' headers
+        if not self.complete:
+            self.index = shards
+            return
+        try:
+            self.index = pd.read_parquet(idx_path)
+        except Exception as e:  # pyarrow raises its own error types for a truncated/garbled file
+            raise RecordsError(f"{idx_path}: unreadable ({e}); delete it to rebuild it from the shards") from None
         missing = set(INDEX_COLUMNS) - set(self.index.columns)
         if missing:
             raise RecordsError(f"{idx_path}: index lacks columns {sorted(missing)}")
+        if not self.index[INDEX_COLUMNS].reset_index(drop=True).equals(shards.reset_index(drop=True)):
+            raise RecordsError(f"{idx_path}: disagrees with the shards ({len(self.index)} rows vs {len(shards)} "
+                               "in the shards' own metadata); delete it to rebuild it from the shards")
 
     @property
     def layers(self) -> list[str]:

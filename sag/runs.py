@@ -1,11 +1,15 @@
 """Run directories: sampling with attention capture streamed to ``samples/`` and ``records/``.
 
 A run dir is complete when ``run.json`` says ``"status": "complete"``; it is written last, atomically.
+Rerunning into the same dir resumes: finished batches are skipped by their ``samples/batch-*.safetensors``,
+an interrupted batch continues from its last saved iteration (``.state/``), and the outputs equal an
+uninterrupted run's bit for bit on the CPU.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -20,12 +24,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sag.capture import AttentionStore, CaptureSpec, capture_attention
+from sag.errors import SagConfigError
 from sag.models.base import DiffusionModel
 from sag.records import RecordWriter, atomic_write_bytes
 from sag.sampling import StepInfo, sample
 from sag.seeds import format_seeds
 
 RUN_FILE = "run.json"
+STATE_DIR = ".state"  # sampler checkpoints and the run's resume key; removed when the run completes
+RUN_FORMAT_VERSION = 1
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -73,16 +80,22 @@ def run_sampling(
     size: tuple[int, int] | None = None,
     meta: dict | None = None,
     progress: bool = True,
+    check_finite: bool = True,
 ) -> dict:
     """Sample ``seeds`` with ``model_fn`` (a guidance wrapper; default the model); write images and samples
     to ``samples/`` and (if ``capture``) attention records of every step to ``records/``. Returns the
     manifest written to ``run.json``. Capture records the first model call of each step (call 0)."""
     out = Path(out_dir)
     samples_dir = out / "samples"
+    info = {"format_version": RUN_FORMAT_VERSION, "model": model.describe(), "scheduler": type(scheduler).__name__,
+            "scheduler_config": dict(scheduler.config), "steps": steps, "seeds": format_seeds(seeds),
+            "batch_size": batch_size, "size": list(size) if size else None,
+            "capture": asdict(capture) if capture else None, "guidance": (meta or {}).get("guidance")}
+    done = _resume_or_start(out, info)
+    if done is not None:
+        return done
     samples_dir.mkdir(parents=True, exist_ok=True)
-    info = {"model": model.describe(), "scheduler": type(scheduler).__name__, "steps": steps,
-            "seeds": format_seeds(seeds), "batch_size": batch_size,
-            "capture": asdict(capture) if capture else None, **(meta or {})}
+    info.update({k: v for k, v in (meta or {}).items() if k not in info})
     writer = RecordWriter(out / "records", capture.dtype, meta=info) if capture else None
     ctx = (capture_attention(model.net, capture.layers, capture.reductions, capture.include_cross,
                              capture.query_stride, exact=capture.exact) if capture else nullcontext(AttentionStore()))
@@ -105,8 +118,18 @@ def run_sampling(
             save_file({"x": x.contiguous()}, tmp, metadata={"seeds": json.dumps(bseeds)})
             tmp.replace(path)
 
+        def done_batch(bi: int, bseeds: list[int]) -> Tensor | None:
+            path = samples_dir / f"batch-{bi:05d}.safetensors"
+            if not path.is_file():
+                return None
+            with safe_open(str(path), framework="pt") as f:
+                if json.loads(f.metadata()["seeds"]) != list(bseeds):
+                    raise SagConfigError(f"{path}: holds other seeds than batch {bi} {bseeds}; use a new run dir")
+                return f.get_tensor("x")
+
         x = sample(model, scheduler, steps=steps, seeds=seeds, model_fn=model_fn, cond=cond, batch_size=batch_size,
-                   size=size, callback=on_step if writer else None, on_batch_end=on_batch_end, progress=progress)
+                   size=size, callback=on_step if writer else None, on_batch_end=on_batch_end, progress=progress,
+                   done_batch=done_batch, checkpoint_dir=out / STATE_DIR, check_finite=check_finite)
 
     save_grid(to_uint8(model.to_images(x[:64].to(model.device, model.dtype))), samples_dir / "grid.png")
     manifest = dict(info, status="complete", wall_s=round(time.time() - started, 3),
@@ -114,4 +137,40 @@ def run_sampling(
     if writer:
         manifest["record_rows"] = int(len(writer.close()))
     atomic_write_bytes(out / RUN_FILE, json.dumps(manifest, indent=2, default=str).encode())
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
+
+
+def _resume_key(info: dict) -> str:
+    return json.dumps(info, sort_keys=True, default=str)
+
+
+def _resume_or_start(out: Path, info: dict) -> dict | None:
+    """The finished manifest if ``out`` already holds this run; else record the run's key for resuming.
+
+    A run dir that holds an unfinished run of a *different* configuration is refused."""
+    key_file = out / STATE_DIR / "key.json"
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        try:
+            manifest = json.loads(run_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SagConfigError(f"{run_file}: corrupt ({e}); delete it to resume the run") from None
+        if manifest.get("format_version") != RUN_FORMAT_VERSION:
+            raise SagConfigError(f"{run_file}: run format {manifest.get('format_version')!r}, this version writes "
+                                 f"{RUN_FORMAT_VERSION}; use a new run dir")
+        if manifest.get("status") == "complete" and manifest.get("resume_key") == _resume_key(info):
+            print(f"{out}: already complete, nothing to do")
+            return manifest
+        raise SagConfigError(f"{out} holds a finished run of another configuration; use a new run dir")
+    key = _resume_key(info)
+    if key_file.is_file() and key_file.read_text() != key:
+        raise SagConfigError(f"{out} holds an interrupted run of another configuration ({key_file}); resume it "
+                             "with the same settings or use a new run dir")
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(key_file, key.encode())
+    elif (out / "samples").is_dir():
+        print(f"{out}: resuming an interrupted run")
+    info["resume_key"] = key
+    return None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -15,6 +17,10 @@ from sag.models.base import DiffusionModel
 from sag.schedulers import takes_generator, takes_variance
 
 ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """A model output or guided prediction holds NaN or Inf; names the step, t and seeds."""
 
 
 @dataclass
@@ -61,6 +67,9 @@ def sample(
     callback: Callable[[StepInfo], None] | None = None,
     on_batch_end: Callable[[int, list[int], Tensor], None] | None = None,
     progress: bool = True,
+    done_batch: Callable[[int, list[int]], Tensor | None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Sample one image per seed; returns model-space samples (n, C, H, W) on the CPU.
 
@@ -68,6 +77,11 @@ def sample(
     itself); guidance is a wrapper with the same contract. If it has ``validate(size)``, that is called
     once before sampling; ``begin_step(step, num_steps)``, before each iteration. ``cond`` holds one row
     per seed (or one row for all).
+
+    Resuming: ``done_batch(bi, seeds)`` may return the finished samples of a batch, which is then skipped;
+    with ``checkpoint_dir`` the sampler state (x, scheduler, generators) is saved after every iteration and
+    an interrupted batch continues after its last completed iteration, bit for bit on the CPU.
+    ``check_finite`` stops at the first NaN/Inf output with the step, t and seeds that produced it.
     """
     if steps <= 0:
         raise SagConfigError(f"steps={steps}; accepted: a positive integer")
@@ -87,19 +101,33 @@ def sample(
     bar = tqdm(total=per_batch * len(batches), desc="sampling", unit="it", disable=not progress, leave=False)
     outputs = []
     for bi, bseeds in enumerate(batches):
+        finished = done_batch(bi, bseeds) if done_batch is not None else None
+        if finished is not None:
+            outputs.append(finished)
+            bar.update(per_batch)
+            continue
         sched = type(scheduler).from_config(scheduler.config)  # fresh state per batch (multistep history)
         sched.set_timesteps(steps, device=device)
         noise, gens = initial_noise(bseeds, (model.in_channels, h, w), device, dtype)
         x = noise * sched.init_noise_sigma
+        first = 0
+        state_path = Path(checkpoint_dir) / f"batch-{bi:05d}.pt" if checkpoint_dir is not None else None
+        if state_path is not None and state_path.is_file():
+            first, x, sched = _load_state(state_path, bseeds, gens, device)
+            bar.update(first)
         start = bi * batch_size
         bcond = None if cond is None else cond[start : start + len(bseeds)].to(device)
         step_kwargs = {"generator": gens} if takes_generator(sched) else {}
         for i, t in enumerate(sched.timesteps):
+            if i < first:
+                continue
             if hasattr(model_fn, "begin_step"):
                 model_fn.begin_step(i, len(sched.timesteps))
             x_in = sched.scale_model_input(x, t)
             tb = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
             out = model_fn(x_in, tb, bcond)
+            if check_finite:
+                _check_finite(out, i, tb, bseeds)
             pred, _ = model.split(out)
             if callback is not None:
                 x0 = model.schedule.to_x0(pred, x_in, tb, model.prediction_type)
@@ -107,10 +135,49 @@ def sample(
                     x0 = x0.clamp(-1, 1)
                 callback(StepInfo(i, len(sched.timesteps), tb, x_in, pred, x0, bseeds, bi))
             x = sched.step(out if takes_variance(sched) else pred, t, x, **step_kwargs).prev_sample
+            if state_path is not None:
+                _save_state(state_path, i + 1, x, sched, bseeds, gens)
             bar.update(1)
         x = x.cpu()
         if on_batch_end is not None:
             on_batch_end(bi, bseeds, x)
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
         outputs.append(x)
     bar.close()
     return torch.cat(outputs)
+
+
+def _check_finite(out: Tensor, step: int, t: Tensor, seeds: list[int]) -> None:
+    bad = ~torch.isfinite(out.flatten(1)).all(1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"non-finite model output (NaN/Inf) at step {step}, t={float(t[rows[0]]):g}, seeds "
+            f"{[seeds[r % len(seeds)] for r in rows]}; pass check_finite=False to continue anyway"
+        )
+
+
+def _save_state(path: Path, next_step: int, x: Tensor, sched: SchedulerMixin, seeds: list[int], gens) -> None:
+    """Atomically save what the next iteration needs (scheduler objects hold multistep history)."""
+    state = {"next_step": next_step, "x": x, "scheduler": sched, "seeds": list(seeds),
+             "generators": [g.get_state() for g in gens]}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, seeds: list[int], gens, device):
+    try:
+        # our own file, written by _save_state; it pickles the diffusers scheduler object
+        state = torch.load(path, weights_only=False, map_location=device)
+    except Exception as e:  # a truncated pickle raises EOFError/RuntimeError/UnpicklingError
+        raise SagConfigError(f"{path}: unreadable sampler state ({type(e).__name__}: {e}); delete it to "
+                             "restart this batch") from None
+    if state.get("seeds") != list(seeds):
+        raise SagConfigError(f"{path}: saved for seeds {state.get('seeds')}, not {list(seeds)}; delete it or use "
+                             "a new run dir")
+    for g, s in zip(gens, state["generators"]):
+        g.set_state(s)
+    return state["next_step"], state["x"], state["scheduler"]
