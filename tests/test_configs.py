@@ -53,7 +53,7 @@ def test_model_guidance_defaults_apply():
 
 
 @pytest.mark.parametrize("primary", PRIMARY)
-@pytest.mark.parametrize("model", [m for m in _options("model") if m != "diffusers_dir"])
+@pytest.mark.parametrize("model", [m for m in _options("model") if m not in ("diffusers_dir", "adm")])
 def test_models_compose_and_instantiate(primary, model):
     cfg = _compose(primary, [f"model={model}"])
     m = instantiate(cfg.model)

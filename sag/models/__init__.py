@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sag.errors import SagConfigError
+from sag.models.adm import load_adm
 from sag.models.base import DiffusionModel
 from sag.models.diffusers_dir import load_diffusers_dir
 from sag.models.tiny import load_tiny_pixel, load_tiny_pixel_cond, load_tiny_sd
@@ -14,6 +15,7 @@ MODELS: dict[str, Callable[..., DiffusionModel]] = {
     "tiny_pixel_cond": load_tiny_pixel_cond,
     "tiny_sd": load_tiny_sd,
     "diffusers_dir": load_diffusers_dir,
+    "adm": load_adm,
 }
 
 

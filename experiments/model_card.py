@@ -1,0 +1,87 @@
+"""Measure the embedded model's quality for its model card (no Hydra: a fixed protocol).
+
+    python -m experiments.model_card [--model-dir DIR] [--evaluators DIR] [--n 1000] [--steps 50] [--out FILE]
+
+1. Sample n class-conditional images (labels = seed % classes, guidance off, DDIM) from seeds 0..n-1.
+2. Top-1 accuracy of the domain classifier on the requested labels (chance = 1 / classes).
+3. Frechet distance in the domain classifier's 128-d feature space between the samples and n held-out
+   scenes, next to the floor: the same distance between two disjoint held-out sets of n scenes.
+   Held-out scenes come from data seed 3, which neither the diffusion model (seed 0) nor the evaluators
+   (seeds 1, 2) saw.
+Writes the metrics as JSON and a labelled sample grid (one row per class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sag.data import SHAPES, make_scenes
+from sag.evaluators import accuracy, frechet_distance, load_evaluator
+from sag.models import load_model
+from sag.runs import save_grid, to_uint8
+from sag.sampling import sample
+from sag.schedulers import make_scheduler
+
+HELD_OUT_SEED = 3
+
+
+@torch.no_grad()
+def features(clf, images: torch.Tensor, batch: int = 250) -> np.ndarray:
+    return torch.cat([clf.features(images[i : i + batch]) for i in range(0, len(images), batch)]).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default=None, help="a diffusers dir; default: the embedded model")
+    ap.add_argument("--evaluators", default=None, help="dir with classifier/; default: the embedded evaluators")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=125)
+    ap.add_argument("--out", default="outputs/model_card/metrics.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = load_model("diffusers_dir", path=args.model_dir) if args.model_dir else load_model("embedded")
+    clf_dir = Path(args.evaluators) / "classifier" if args.evaluators else None
+    clf = load_evaluator("classifier", clf_dir) if clf_dir else load_evaluator("classifier", None)
+    clf.eval()
+    seeds = list(range(args.n))
+    labels = torch.tensor([s % model.num_classes for s in seeds])
+    t0 = time.time()
+    x = sample(model, make_scheduler(model, "ddim"), steps=args.steps, seeds=seeds, cond=labels,
+               batch_size=args.batch)
+    sample_s = time.time() - t0
+    images = model.to_images(x)
+    with torch.no_grad():
+        logits = torch.cat([clf(images[i : i + 250]) for i in range(0, len(images), 250)])
+    acc = accuracy(logits, labels)
+    held = torch.from_numpy(make_scenes(HELD_OUT_SEED, 0, 2 * args.n)["image"])
+    f_gen, f_a, f_b = features(clf, images), features(clf, held[: args.n]), features(clf, held[args.n :])
+    metrics = {
+        "n": args.n, "steps": args.steps, "scheduler": "ddim", "guidance": "none",
+        "class_accuracy": acc, "chance": 1 / model.num_classes,
+        "per_class_accuracy": {SHAPES[c]: accuracy(logits[labels == c], labels[labels == c])
+                               for c in range(model.num_classes)},
+        "fd_samples_vs_heldout": frechet_distance(f_gen, f_a),
+        "fd_floor_heldout_vs_heldout": frechet_distance(f_a, f_b),
+        "sampling_wall_s": round(sample_s, 1), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    # grid: one row per class, 8 samples each
+    rows = [images[labels == c][:8] for c in range(model.num_classes)]
+    grid = to_uint8(torch.cat(rows)).repeat(2, axis=1).repeat(2, axis=2)
+    save_grid(grid, out.with_name("samples.png"), ncol=8)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out} and {out.with_name('samples.png')}")
+
+
+if __name__ == "__main__":
+    main()

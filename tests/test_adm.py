@@ -1,0 +1,590 @@
+"""guided-diffusion (ADM) checkpoints -> diffusers UNet2DModel (sag.models.adm).
+
+The proof that the mapping is right: a compact, faithful re-implementation of guided-diffusion's
+``UNetModel`` (below: same module tree, so the same state-dict keys and shapes) generates random
+checkpoints; the converted diffusers model must reproduce its output and its attention maps.
+"""
+
+import copy
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from sag.capture import capture_attention
+from sag.errors import SagConfigError
+from sag.models.adm import (
+    ADM_LAYER_NAMES,
+    ADM_PRESETS,
+    adm_attention_heads,
+    adm_betas,
+    adm_flags,
+    adm_state_dict_shapes,
+    adm_unet_config,
+    build_adm_unet,
+    convert_adm_state_dict,
+    load_adm,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- reference: guided_diffusion/unet.py + nn.py, reduced to 2-D and inference -----------------------------
+# Deviation: GroupNorm keeps the input dtype (ADM's GroupNorm32 computes in float32, for fp16 training), so
+# the float64 comparison below is not limited by float32 rounding.
+def normalization(c):
+    return nn.GroupNorm(32, c)
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, use_conv):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, use_conv):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, emb_channels, out_channels=None, use_scale_shift_norm=False, up=False, down=False):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
+        self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if self.out_channels == channels
+                                else nn.Conv2d(channels, self.out_channels, 1))
+
+    def forward(self, x, emb):
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttentionLegacy(nn.Module):
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+        return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+
+
+class QKVAttention(nn.Module):
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bct,bcs->bts", (q * scale).view(bs * self.n_heads, ch, length),
+                              (k * scale).view(bs * self.n_heads, ch, length))
+        weight = torch.softmax(weight, dim=-1)
+        a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
+        return a.reshape(bs, -1, length)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_new_attention_order=False):
+        super().__init__()
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.attention = (QKVAttention if use_new_attention_order else QKVAttentionLegacy)(self.num_heads)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class UNetModel(nn.Module):
+    """guided-diffusion ``UNetModel`` built from ``script_util.create_model``-style flags."""
+
+    def __init__(self, flags):
+        super().__init__()
+        f = adm_flags(None, **flags)
+        mc, mults, nrb = f["num_channels"], f["channel_mult"], f["num_res_blocks"]
+        attention_resolutions = [f["image_size"] // r for r in f["attention_resolutions"]]
+        ss, updown = f["use_scale_shift_norm"], f["resblock_updown"]
+        heads_kw = dict(num_head_channels=f["num_head_channels"], use_new_attention_order=f["use_new_attention_order"])
+        self.model_channels = mc
+        self.num_classes = f["num_classes"] if f["class_cond"] else None
+        ted = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if self.num_classes is not None:
+            self.label_emb = nn.Embedding(self.num_classes, ted)
+        ch = input_ch = int(mults[0] * mc)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(3, ch, 3, padding=1))])
+        chans, ds = [ch], 1
+        for level, mult in enumerate(mults):
+            for _ in range(nrb):
+                layers = [ResBlock(ch, ted, int(mult * mc), use_scale_shift_norm=ss)]
+                ch = int(mult * mc)
+                if ds in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=f["num_heads"], **heads_kw))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(mults) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(
+                    ResBlock(ch, ted, ch, use_scale_shift_norm=ss, down=True) if updown else Downsample(ch, True)))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ted, use_scale_shift_norm=ss), AttentionBlock(ch, num_heads=f["num_heads"], **heads_kw),
+            ResBlock(ch, ted, use_scale_shift_norm=ss))
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(mults))[::-1]:
+            for i in range(nrb + 1):
+                ich = chans.pop()
+                layers = [ResBlock(ch + ich, ted, int(mc * mult), use_scale_shift_norm=ss)]
+                ch = int(mc * mult)
+                if ds in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=f["num_heads_upsample"], **heads_kw))
+                if level and i == nrb:
+                    layers.append(ResBlock(ch, ted, ch, use_scale_shift_norm=ss, up=True) if updown
+                                  else Upsample(ch, True))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+                                 nn.Conv2d(input_ch, 6 if f["learn_sigma"] else 3, 3, padding=1))
+
+    def forward(self, x, timesteps, y=None):
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        hs, h = [], x
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def randomize(net, seed):
+    """Random weights everywhere (ADM zero-inits out_layers.3/proj_out/out.2, which would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 1:
+                # 1-D weights are GroupNorm scales (around 1), the rest are biases
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                fan_in = p[0].numel()
+                gain = 3.0 if name.endswith("qkv.weight") else 1.0  # non-flat attention
+                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(fan_in))
+    return net.eval()
+
+
+# --- tiny flag sets ------------------------------------------------------------------------------------
+# legacy attention, num_heads mode with attention at 32 and 64 channels (per-head dim 16 and 32: the
+# ImageNet-128 situation that UNet2DModel's single attention_head_dim cannot express), class-conditional.
+COND = dict(image_size=32, num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions="32,16",
+            num_heads=2, learn_sigma=True, class_cond=True, num_classes=10, resblock_updown=True,
+            use_scale_shift_norm=True)
+# legacy attention, num_head_channels mode (the 256-px models' setting), unconditional, 3 levels.
+UNCOND = dict(image_size=32, num_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions="16,8",
+              num_head_channels=16, learn_sigma=True, class_cond=False, resblock_updown=True,
+              use_scale_shift_norm=True)
+# conv up/downsampling, additive time embedding, new attention order, fixed variance, num_heads_upsample.
+PLAIN = dict(image_size=32, num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions="16",
+             num_heads=4, num_heads_upsample=2, learn_sigma=False, resblock_updown=False,
+             use_scale_shift_norm=False, use_new_attention_order=True)
+FLAGS = {"cond": COND, "uncond": UNCOND, "plain": PLAIN}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets: one thread is ~10x faster than two on the shared CPU (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", params=sorted(FLAGS))
+def pair(request):
+    torch.manual_seed(0)
+    flags = FLAGS[request.param]
+    ref = randomize(UNetModel(flags), seed=1)
+    sd = ref.state_dict()
+    conv = convert_adm_state_dict(sd, flags)
+    net = build_adm_unet(flags)
+    net.load_state_dict(conv, strict=True)
+    return flags, ref, net.eval(), sd
+
+
+def _inputs(flags, dtype=torch.float32, b=2):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, 3, flags["image_size"], flags["image_size"], generator=g, dtype=dtype)
+    t = torch.tensor([17, 803][:b])
+    y = torch.tensor([3, 7][:b]) if flags.get("class_cond") else None
+    return x, t, y
+
+
+def test_every_tensor_consumed_and_filled(pair):
+    flags, _, net, sd = pair
+    assert set(adm_state_dict_shapes(flags)) == set(sd)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == adm_state_dict_shapes(flags)
+    conv = convert_adm_state_dict(sd, flags)
+    assert {k: v.shape for k, v in conv.items()} == {k: v.shape for k, v in net.state_dict().items()}
+    assert sum(v.numel() for v in sd.values()) == sum(v.numel() for v in conv.values())
+
+
+def test_converted_forward_matches_reference_float64(pair):
+    """In float64 the two forwards agree to rounding: the mapping is exact."""
+    flags, ref, net, _ = pair
+    ref64, net64 = copy.deepcopy(ref).double(), copy.deepcopy(net).double()
+    x, t, y = _inputs(flags, torch.float64)
+    with torch.no_grad():
+        expected = ref64(x, t, y)
+        got = net64(x, t, class_labels=y).sample
+    assert got.shape == expected.shape == (2, 6 if flags["learn_sigma"] else 3, 32, 32)
+    assert expected.abs().mean() > 0.1  # a non-trivial output
+    assert (got - expected).abs().max().item() / expected.abs().max().item() < 1e-9
+
+
+def test_converted_forward_matches_reference_float32(pair):
+    """In float32 the converted net is as close to the exact (float64) output as ADM's own float32 forward.
+
+    The random weights make this net ill-conditioned (peaky attention), so ADM's own float32 error reaches
+    ~3e-3 of the output range on one flag set; the bound is 1e-4 or twice ADM's own error, whichever is larger.
+    """
+    flags, ref, net, _ = pair
+    x, t, y = _inputs(flags, torch.float64)
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(x, t, y)
+        ref32 = ref(x.float(), t, y).double()
+        got = net(x.float(), t, class_labels=y).sample.double()
+    scale = exact.abs().max().item()
+    ref_err = (ref32 - exact).abs().max().item() / scale
+    err = (got - exact).abs().max().item() / scale
+    assert err < max(1e-4, 2 * ref_err), (err, ref_err)
+
+
+def test_attention_maps_and_layer_names_match(pair):
+    """The diffusers layer ADM_LAYER_NAMES gives for each ADM block has the same attention probabilities as
+    ADM's true per-head softmax (what SAG thresholds): proves layer names, head split and qkv order."""
+    flags, ref, net, _ = pair
+    ref, net = copy.deepcopy(ref).double(), copy.deepcopy(net).double()
+    names = ADM_LAYER_NAMES(flags)
+    qkvs = {}
+    hooks = []
+    for block in names:
+        kind, _, index = block.partition(".")
+        mod = ref.middle_block[1] if block == "middle_block" else getattr(ref, kind)[int(index)][1]
+        assert isinstance(mod, AttentionBlock)
+        hooks.append(mod.attention.register_forward_hook(
+            lambda m, args, out, block=block: qkvs.__setitem__(block, (args[0], m))))
+    x, t, y = _inputs(flags, torch.float64)
+    try:
+        with torch.no_grad(), capture_attention(net, list(names.values()), ["full"]) as store:
+            ref(x, t, y)
+            net(x, t, class_labels=y)
+            records = {r.layer: r.data["full"] for r in store.pop()}
+    finally:
+        for h in hooks:
+            h.remove()
+    heads = adm_attention_heads(flags)
+    for block, layer in names.items():
+        qkv, mod = qkvs[block]
+        bs, width, length = qkv.shape
+        nh = mod.n_heads
+        ch = width // (3 * nh)
+        if isinstance(mod, QKVAttentionLegacy):
+            q, k, _ = qkv.reshape(bs * nh, 3 * ch, length).split(ch, dim=1)
+        else:
+            q, k, _ = (z.reshape(bs * nh, ch, length) for z in qkv.chunk(3, dim=1))
+        w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), -1).reshape(bs, nh, length, length)
+        assert heads[layer] == nh
+        assert records[layer].shape == w.shape
+        assert w.amax(-1).mean() > 2 / length  # not flat
+        torch.testing.assert_close(records[layer], w.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_load_adm_file_and_learned_sigma_split(pair, tmp_path):
+    flags, ref, _, sd = pair
+    path = tmp_path / "model.pt"
+    torch.save(sd, path)
+    m = load_adm(str(path), dtype="float64", **flags)
+    assert m.name == "adm" and m.source == str(path.resolve()) and m.prediction_type == "epsilon"
+    assert m.learned_variance == flags["learn_sigma"] and m.clip_denoised and m.sample_size == (32, 32)
+    if flags.get("class_cond"):
+        assert (m.conditioning, m.num_classes, m.has_null_class) == ("class", 10, False)
+    else:
+        assert m.conditioning == "none" and m.num_classes is None
+    assert m.dtype == torch.float64
+    x, t, y = _inputs(flags, torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(ref).double()(x, t, y)
+        out = m(x, t, y)
+    eps, var = m.split(out)
+    assert eps.shape == x.shape
+    torch.testing.assert_close(eps, expected[:, :3], atol=1e-9, rtol=1e-9)
+    if flags["learn_sigma"]:
+        torch.testing.assert_close(var, expected[:, 3:], atol=1e-9, rtol=1e-9)
+    else:
+        assert var is None
+
+
+def test_schedule_is_guided_diffusions_linear():
+    betas = adm_betas(1000, "linear")
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02) and len(betas) == 1000
+    assert adm_betas(250, "linear")[0] == pytest.approx(4e-4)  # scale = 1000 / T
+
+
+def test_model_schedule_and_scheduler_config(tmp_path):
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    sd = randomize(UNetModel(PLAIN), 0).state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    m = load_adm(str(tmp_path / "m.pt"), **PLAIN)
+    ac = np.cumprod(1 - adm_betas(1000, "linear"))
+    np.testing.assert_allclose(m.alphas_cumprod.double().numpy(), ac, rtol=1e-6)
+    sched = DDPMScheduler.from_config(m.scheduler_config)
+    np.testing.assert_allclose(sched.alphas_cumprod.double().numpy(), ac, rtol=1e-4)
+    assert m.scheduler_config["prediction_type"] == "epsilon"
+
+
+# --- official presets ----------------------------------------------------------------------------------
+def test_official_preset_architectures():
+    # ImageNet-128 cond: output_blocks[8] = 32x32 decoder attention, 512 ch, 4 heads (paper 1.4)
+    names, heads = ADM_LAYER_NAMES("imagenet128_cond"), adm_attention_heads("imagenet128_cond")
+    assert names["output_blocks.8"] == "up_blocks.2.attentions.2" and heads["up_blocks.2.attentions.2"] == 4
+    assert names["middle_block"] == "mid_block.attentions.0"
+    assert adm_state_dict_shapes("imagenet128_cond")["output_blocks.8.1.qkv.weight"] == (1536, 512, 1)
+    # ImageNet-256 / LSUN: output_blocks[2] = 8x8 decoder attention, 1024 ch, 16 heads (num_head_channels 64)
+    for p in ("imagenet256_cond", "imagenet256_uncond", "lsun256"):
+        names, heads = ADM_LAYER_NAMES(p), adm_attention_heads(p)
+        assert names["output_blocks.2"] == "up_blocks.0.attentions.2" and heads["up_blocks.0.attentions.2"] == 16
+        shapes = adm_state_dict_shapes(p)
+        assert shapes["output_blocks.2.1.qkv.weight"] == (3072, 1024, 1)
+        assert shapes["output_blocks.2.2.in_layers.2.weight"] == (1024, 1024, 3, 3)  # resblock upsampler
+        assert ("label_emb.weight" in shapes) == (p == "imagenet256_cond")
+        cfg = adm_unet_config(p)
+        assert cfg["attention_head_dim"] == 64 and cfg["block_out_channels"] == (256, 256, 512, 512, 1024, 1024)
+    cfg = adm_unet_config("imagenet128_cond")
+    assert cfg["block_out_channels"] == (256, 256, 512, 768, 1024) and cfg["num_class_embeds"] == 1000
+    assert cfg["down_block_types"] == ("ResnetDownsampleBlock2D",) * 2 + ("AttnDownBlock2D",) * 3
+    assert cfg["out_channels"] == 6 and cfg["resnet_time_scale_shift"] == "scale_shift"
+    # the released checkpoints' parameter counts (ADM paper / guided-diffusion: ~554M for 256 cond)
+    counts = {p: sum(math.prod(s) for s in adm_state_dict_shapes(p).values()) for p in ADM_PRESETS}
+    assert counts["imagenet256_cond"] - counts["imagenet256_uncond"] == 1000 * 1024
+    assert 553e6 < counts["imagenet256_cond"] < 555e6
+    for p in ADM_PRESETS:  # instantiate without allocating weights
+        net = build_adm_unet(p, device="meta")
+        assert sum(v.numel() for v in net.state_dict().values()) == counts[p]
+        modules = dict(net.named_modules())
+        for name, heads in adm_attention_heads(p).items():  # ImageNet-128: 4 heads at 512, 768 and 1024 ch
+            assert modules[name].heads == heads and modules[name].to_q.weight.shape[0] // heads in (64, 128, 192, 256)
+        assert ADM_PRESETS[p]["learn_sigma"] and net.config.out_channels == 6
+    assert ADM_PRESETS["lsun256"]["dropout"] == 0.1
+
+
+def test_model_guidance_layer_names_match_the_converter():
+    for file, preset, depth in (("adm128.yaml", "imagenet128_cond", 8), ("adm256.yaml", "imagenet256_uncond", 2)):
+        cfg = yaml.safe_load((ROOT / "conf" / "model_guidance" / file).read_text())
+        assert cfg["layers"] == ADM_LAYER_NAMES(preset)[f"output_blocks.{depth}"]
+
+
+def test_model_config_file():
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / "adm.yaml").read_text())
+    assert cfg == {"_target_": "sag.models.load_model", "name": "adm", "path": "???", "preset": "imagenet256_uncond"}
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+def test_wrong_architecture_is_named(pair, tmp_path):
+    flags, _, _, sd = pair
+    other = {"cond": "uncond", "uncond": "plain", "plain": "cond"}
+    wrong = FLAGS[other[next(k for k, v in FLAGS.items() if v is flags)]]
+    path = tmp_path / "m.pt"
+    torch.save(sd, path)
+    with pytest.raises(SagConfigError, match="does not match the weights") as e:
+        load_adm(str(path), **wrong)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    assert ("expected shape" in msg and "got" in msg) or "missing" in msg or "unexpected" in msg
+    with pytest.raises(SagConfigError, match="preset 'imagenet256_uncond'"):
+        load_adm(str(path), preset="imagenet256_uncond")
+
+
+def test_shape_mismatch_names_key_expected_and_got(pair):
+    flags, _, _, sd = pair
+    bad = dict(sd, **{"out.2.weight": torch.zeros(5, 32, 3, 3)})
+    with pytest.raises(SagConfigError, match=r"out\.2\.weight expected shape \((3|6), 32, 3, 3\), got \(5, 32, 3, 3\)"):
+        convert_adm_state_dict(bad, flags, source="ckpt.pt")
+    extra = dict(sd, **{"foo.weight": torch.zeros(1)})
+    with pytest.raises(SagConfigError, match="unexpected tensor.*foo.weight"):
+        convert_adm_state_dict(extra, flags)
+    missing = {k: v for k, v in sd.items() if k != "time_embed.0.bias"}
+    with pytest.raises(SagConfigError, match="missing.*time_embed.0.bias"):
+        convert_adm_state_dict(missing, flags)
+
+
+def test_wrong_preset_hint_names_the_matching_preset():
+    shapes = adm_state_dict_shapes("imagenet128_cond")
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    with pytest.raises(SagConfigError, match=r"match preset\(s\) \['imagenet128_cond'\]"):
+        convert_adm_state_dict(sd, "imagenet256_uncond", source="128x128_diffusion.pt")
+
+
+def test_truncated_file(tmp_path):
+    sd = randomize(UNetModel(PLAIN), 0).state_dict()
+    full = tmp_path / "full.pt"
+    torch.save(sd, full)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(SagConfigError, match="truncated") as e:
+        load_adm(str(cut), **PLAIN)
+    assert str(cut) in str(e.value) and "\n" not in str(e.value)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(SagConfigError, match="empty.pt"):
+        load_adm(str(empty), **PLAIN)
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_malicious_pickle_is_refused(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"x": Evil(marker), "time_embed.0.weight": torch.zeros(2)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:  # a bare pickle (protocol 2, which torch's weights-only unpickler parses up to the GLOBAL)
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(SagConfigError, match="refused") as e:
+        load_adm(str(path), **PLAIN)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and "system" in msg  # the blocked global is named
+    assert not marker.exists()
+
+
+def test_missing_file_and_bad_flags(tmp_path):
+    with pytest.raises(SagConfigError, match="does not exist"):
+        load_adm(str(tmp_path / "nope.pt"), preset="imagenet256_uncond")
+    with pytest.raises(SagConfigError, match="is not a file"):
+        load_adm(str(tmp_path), preset="imagenet256_uncond")
+    with pytest.raises(SagConfigError, match="preset 'nope' is unknown"):
+        load_adm(str(tmp_path / "x.pt"), preset="nope")
+    with pytest.raises(SagConfigError, match=r"flag\(s\) \['num_chanels'\] unknown"):
+        adm_flags("imagenet256_uncond", num_chanels=3)
+    with pytest.raises(SagConfigError, match="not a state dict"):
+        torch.save([torch.zeros(1)], tmp_path / "list.pt")
+        load_adm(str(tmp_path / "list.pt"), **PLAIN)
+
+
+# --- integration ---------------------------------------------------------------------------------------
+def test_hydra_config_instantiates_with_flags(tmp_path, monkeypatch):
+    """conf/model/adm.yaml through Hydra, flags as overrides (registered here as the registry line will)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from sag.models import MODELS
+
+    monkeypatch.setitem(MODELS, "adm", load_adm)
+    sd = randomize(UNetModel(COND), 0).state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    flags = ["+model.image_size=32", "+model.num_channels=32", "+model.channel_mult='1,2'", "+model.num_res_blocks=1",
+             "+model.attention_resolutions='32,16'", "+model.num_heads=2", "+model.learn_sigma=true",
+             "+model.class_cond=true", "+model.num_classes=10", "+model.resblock_updown=true"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=["model=adm", f"model.path={tmp_path / 'm.pt'}",
+                                                       "model.preset=null", *flags])
+    m = instantiate(cfg.model)
+    assert m.name == "adm" and m.conditioning == "class" and m.learned_variance
+
+
+def test_sag_runs_on_a_converted_model(pair):
+    """SAG with the layer ADM_LAYER_NAMES gives for the last decoder attention (as the official presets)."""
+    from sag.guidance.sag import SelfAttentionGuidance
+    from sag.models.base import DiffusionModel
+
+    flags, _, net, _ = pair
+    f = adm_flags(None, **flags)
+    depth = max(int(k.split(".")[1]) for k in ADM_LAYER_NAMES(f) if k.startswith("output_blocks."))
+    layer = ADM_LAYER_NAMES(f)[f"output_blocks.{depth}"]
+    m = DiffusionModel("adm", copy.deepcopy(net), torch.cumprod(1 - torch.from_numpy(adm_betas()), 0).float(),
+                       learned_variance=f["learn_sigma"], conditioning="class" if f["class_cond"] else "none",
+                       num_classes=f["num_classes"] if f["class_cond"] else None, sample_size=(32, 32))
+    g = SelfAttentionGuidance(m, scale=0.5, layers=layer, kernel_size=5, blur_sigma=2.0)
+    assert g.layers == [layer]
+    g.begin_step(0, 10)
+    x, t, y = _inputs(flags)
+    with torch.no_grad():
+        out, plain = g(x, t, y), m(x, t, y)
+    assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.allclose(out, plain)
