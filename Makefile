@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the local CPU wheel; an unpinned torch resolves to a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,sd]'
+	$(BIN)/python -m pip install --quiet -e '.[test,sd,launchers]'
 	touch $@
 
 env: $(BIN)/.installed

@@ -88,7 +88,9 @@ def run_sampling(
     out = Path(out_dir)
     samples_dir = out / "samples"
     info = {"format_version": RUN_FORMAT_VERSION, "model": model.describe(), "scheduler": type(scheduler).__name__,
-            "scheduler_config": dict(scheduler.config), "steps": steps, "seeds": format_seeds(seeds),
+            # private diffusers keys (e.g. _use_default_values, filled from a set) vary between processes
+            "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+            "steps": steps, "seeds": format_seeds(seeds),
             "batch_size": batch_size, "size": list(size) if size else None,
             "capture": asdict(capture) if capture else None, "guidance": (meta or {}).get("guidance")}
     done = _resume_or_start(out, info)

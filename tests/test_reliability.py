@@ -170,3 +170,19 @@ def test_same_config_gives_identical_runs(model, tmp_path):
     _run(model, tmp_path / "a", scheduler="euler_ancestral")
     _run(model, tmp_path / "b", scheduler="euler_ancestral")
     _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_resume_key_is_stable_across_processes(tmp_path):
+    """The resume key must not depend on the process (diffusers fills some config lists from sets)."""
+    import subprocess
+    import sys
+
+    code = ("from sag.models import load_model; from sag.schedulers import make_scheduler; "
+            "from sag.runs import run_sampling; m = load_model('tiny_pixel'); "
+            f"run_sampling(m, make_scheduler(m, 'dpmpp_2m'), r'{tmp_path}', steps=2, seeds=[0], progress=False)")
+    for seed in ("1", "2"):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+        assert res.returncode == 0, res.stderr[-1500:]
+    assert "already complete" in res.stdout
