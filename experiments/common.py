@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -53,6 +53,27 @@ def class_labels(cfg: DictConfig, model: DiffusionModel, seeds: list[int]) -> to
         raise SagConfigError(f"labels={labels}; accepted: one label or one per seed, each in "
                              f"[0, {model.num_classes})")
     return torch.tensor([int(v) for v in labels], dtype=torch.long)
+
+
+def text_cond(cfg: DictConfig, model: DiffusionModel, seeds: list[int]) -> torch.Tensor | None:
+    """Prompt embeddings for text models: ``prompt`` from the config (one string for all seeds, or a list one
+    per seed), embedded by the model's text encoder; null = the empty prompt (the model's ``null_text``)."""
+    prompt = cfg.get("prompt")
+    if model.conditioning != "text":
+        if prompt is not None:
+            raise SagConfigError(f"prompt={prompt!r} but model {model.name!r} is not a text model "
+                                 f"(conditioning {model.conditioning!r}); accepted: prompt=null")
+        return None
+    if prompt is None:
+        return model.null_cond(1)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
+    if not prompts or len(prompts) not in (1, len(seeds)) or any(not isinstance(p, str) for p in prompts):
+        raise SagConfigError(f"prompt={prompt!r}; accepted: a string, a list of strings (one, or one per seed: "
+                             f"{len(seeds)}), or null")
+    if model.encode_prompt is None:
+        raise SagConfigError(f"model {model.name!r} has no text encoder to embed prompt={prompt!r}; accepted: "
+                             "prompt=null (the empty prompt)")
+    return model.encode_prompt(prompts)
 
 
 def load_classifier(cfg: DictConfig, model: DiffusionModel):

@@ -214,12 +214,11 @@ def test_merge_refuses_missing_seeds(parts, tmp_path):
     assert merge_runs(parts[:2], tmp_path / "merged", seeds="0-3")["seeds"] == "0-3"
 
 
-def test_merge_ignores_the_hash_seed_order_of_diffusers_default_keys(parts, tmp_path):
-    # diffusers lists `_use_default_values` in set order, which differs between processes (jobs on other nodes)
+def test_run_files_hold_no_process_dependent_scheduler_keys(parts):
+    # diffusers lists `_use_default_values` in set order, which differs between processes (jobs on other nodes):
+    # run.json leaves private keys out, so shards from different processes compare equal
     m = json.loads((parts[2] / RUN_FILE).read_text())
-    m["scheduler_config"]["_use_default_values"].reverse()
-    (parts[2] / RUN_FILE).write_text(json.dumps(m))
-    assert merge_runs(parts, tmp_path / "merged")["seeds"] == "0-5"
+    assert m["scheduler_config"] and not [k for k in m["scheduler_config"] if k.startswith("_")]
 
 
 @pytest.mark.parametrize("field, value", [("steps", 4), ("guidance", {"kind": "sag"}), ("all_seeds", "0-7")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -9,9 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sag.errors import SagConfigError
 from sag.schedule import PREDICTION_TYPES, VPSchedule
 
 CONDITIONING = ("none", "class", "text")
+# How the net is called: "unet" = net(x, t, ...) (UNet2DModel/UNet2DConditionModel); "transformer" =
+# net(x, timestep=t, ...) (DiTTransformer2DModel, whose unpatchify assumes a square token grid).
+CALL_STYLES = ("unet", "transformer")
 
 
 @dataclass(eq=False)
@@ -33,6 +38,7 @@ class DiffusionModel:
     has_null_class: bool = False
     class_names: list[str] | None = None
     null_text: Tensor | None = None  # (1, L, D) embedding of the empty prompt for text models
+    encode_prompt: Callable[[list[str]], Tensor] | None = None  # prompts -> (B, L, D) embeddings (text models)
     decoder: nn.Module | None = None  # latent models: a diffusers AutoencoderKL
     latent_scale: float = 1.0  # latents = vae.encode(x) * latent_scale (SD: 0.18215)
     sample_size: tuple[int, int] = (32, 32)  # default (H, W) in model space
@@ -40,12 +46,15 @@ class DiffusionModel:
     clip_denoised: bool = True  # clip x0 estimates to [-1, 1] (pixel models, as ADM's clip_denoised)
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     source: str = "code"
+    call_style: str = "unet"
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {self.prediction_type!r}; accepted: {PREDICTION_TYPES}")
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"conditioning {self.conditioning!r}; accepted: {CONDITIONING}")
+        if self.call_style not in CALL_STYLES:
+            raise ValueError(f"call_style {self.call_style!r}; accepted: {CALL_STYLES}")
         self.net.eval().requires_grad_(False)
         if self.decoder is not None:
             self.decoder.eval().requires_grad_(False)
@@ -55,15 +64,24 @@ class DiffusionModel:
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
+        if self.conditioning == "class" and cond is None:
+            raise ValueError(f"model {self.name!r} is class-conditional: pass class labels as cond")
+        if self.call_style == "transformer":  # DiT: class labels or nothing
+            self.validate(tuple(x_t.shape[-2:]))
+            return self.net(x_t, timestep=t, class_labels=cond).sample
         if self.conditioning == "class":
-            if cond is None:
-                raise ValueError(f"model {self.name!r} is class-conditional: pass class labels as cond")
             return self.net(x_t, t, class_labels=cond).sample
         if self.conditioning == "text":
             if cond is None:
                 cond = self.null_cond(x_t.shape[0])
             return self.net(x_t, t, encoder_hidden_states=cond).sample
         return self.net(x_t, t).sample
+
+    def validate(self, size: tuple[int, int]) -> None:
+        """Check a sample size (H, W) before sampling (``sag.sampling.sample`` and guidance wrappers call it)."""
+        if self.call_style == "transformer" and size[0] != size[1]:
+            raise SagConfigError(f"size={list(size)}: model {self.name!r} ({type(self.net).__name__}) needs a square "
+                                 "latent (diffusers' DiT unpatchify assumes h == w); accepted: [S, S]")
 
     def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
         """(prediction, learned variance or None); the variance is the second half of the channels."""
@@ -119,6 +137,8 @@ class DiffusionModel:
             self.decoder.to(**kw)
         if self.null_text is not None:
             self.null_text = self.null_text.to(**kw)
+        if hasattr(self.encode_prompt, "to"):
+            self.encode_prompt.to(**kw)
         return self
 
     def describe(self) -> dict[str, Any]:

@@ -1,21 +1,56 @@
-"""Load a local diffusers directory (``save_pretrained`` layout); nothing is downloaded."""
+"""Load a local diffusers directory (``save_pretrained`` layout); nothing is downloaded.
+
+Supported layouts:
+
+* a DDPM/DDIM pipeline (``model_index.json``, ``unet/`` with a UNet2DModel, ``scheduler/``); class-conditional
+  UNets name their classes and null class in ``classes.json``;
+* a Stable Diffusion 1.x/2.x pipeline (``unet/`` UNet2DConditionModel, ``vae/``, ``text_encoder/`` CLIPTextModel,
+  ``tokenizer/`` CLIPTokenizer, ``scheduler/``): prompts are embedded as ``StableDiffusionPipeline.encode_prompt``
+  does (``model.encode_prompt``), the unconditional input is the empty (or ``negative_prompt``) embedding;
+* a DiT pipeline (``transformer/`` DiTTransformer2DModel, or the legacy Transformer2DModel with
+  ``norm_type="ada_norm_zero"``, ``vae/``, ``scheduler/``): class-conditional with learned sigma; label
+  ``num_embeds_ada_norm`` (1000 for ImageNet) is the null class used for classifier-free guidance;
+* a bare model folder (``config.json`` + weights) of one of the classes above.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import diffusers
 import torch
+from torch import Tensor
 
 from sag.errors import SagConfigError
 from sag.models.base import DiffusionModel
 
 LAYOUT = (
-    "a local diffusers directory: a pipeline (model_index.json with unet/ and scheduler/, e.g. DDPMPipeline) "
-    "or a UNet2DModel/UNet2DConditionModel folder (config.json + weights)"
+    "a local diffusers directory: a pipeline (model_index.json: DDPMPipeline/DDIMPipeline with unet/, "
+    "StableDiffusionPipeline with unet/ vae/ text_encoder/ tokenizer/, DiTPipeline with transformer/ vae/; "
+    "plus scheduler/) or a bare UNet2DModel/UNet2DConditionModel/DiTTransformer2DModel folder (config.json + weights)"
 )
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # Transformer2DModel only with ada_norm_zero (DiT)
+NET_CLASSES = UNET_CLASSES + DIT_CLASSES
+# model_index.json ``_class_name`` -> the denoiser component
+PIPELINES = {
+    "DDPMPipeline": "unet",
+    "DDIMPipeline": "unet",
+    "StableDiffusionPipeline": "unet",
+    "StableDiffusionSAGPipeline": "unet",
+    "DiTPipeline": "transformer",
+}
+HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
+TEXT_ENCODERS = ("CLIPTextModel",)
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+# Scheduler config entries that define how a latent pipeline (SD, DiT) samples besides the training betas; carried
+# into ``scheduler_config`` so that ``scheduler=ddim`` on an SD directory equals the pipeline's own DDIM (no x0
+# clipping of latents, steps_offset=1, set_alpha_to_one=False). Pixel DDPM directories keep only the betas.
+SAMPLER_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
+                "thresholding", "rescale_betas_zero_snr")
 
 
 def _read_json(path: Path) -> dict:
@@ -25,23 +60,151 @@ def _read_json(path: Path) -> dict:
         raise SagConfigError(f"{path}: cannot read JSON ({e}); expected {LAYOUT}") from None
 
 
-def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
-    """(unet dir, scheduler dir or None, vae dir or None)."""
+def _component(index: dict, key: str) -> str | None:
+    """The class a model_index.json entry names (``["diffusers", "UNet2DModel"]``), None when absent/null."""
+    entry = index.get(key)
+    if isinstance(entry, list | tuple) and len(entry) == 2 and entry[1] is not None:
+        return str(entry[1])
+    return None
+
+
+def _subdir(root: Path, index_file: Path, key: str, cls: str) -> Path:
+    d = root / key
+    if not d.is_dir():
+        raise SagConfigError(f"{index_file} names {key} {cls!r} but the folder {d} is missing; copy the pipeline's "
+                             f"{key}/ folder there")
+    if key != "tokenizer" and not (d / "config.json").is_file():
+        raise SagConfigError(f"{d} has no config.json; expected the save_pretrained folder of a {cls}")
+    return d
+
+
+def _locate(path: Path) -> dict:
+    """The folders of the parts: net, scheduler, vae, text_encoder, tokenizer (None when absent)."""
     if not path.exists():
         raise SagConfigError(f"model.path {str(path)!r} does not exist; expected {LAYOUT}")
     if not path.is_dir():
         raise SagConfigError(f"model.path {str(path)!r} is a file, not a directory; expected {LAYOUT}")
-    if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json")
-        if "unet" not in index:
-            raise SagConfigError(f"{path / 'model_index.json'} names no 'unet' component; expected {LAYOUT}")
-        vae = path / "vae" if "vae" in index and (path / "vae").is_dir() else None
-        sched = path / "scheduler" if (path / "scheduler").is_dir() else None
-        return path / "unet", sched, vae
+    sched = path / "scheduler" if (path / "scheduler").is_dir() else None
+    parts = {"net": path, "scheduler": sched, "vae": None, "text_encoder": None, "tokenizer": None, "index": {}}
+    index_file = path / "model_index.json"
+    if index_file.is_file():
+        index = _read_json(index_file)
+        pipeline = index.get("_class_name")
+        if pipeline is not None and pipeline not in PIPELINES:
+            raise SagConfigError(f"{index_file}: pipeline {pipeline!r} is not supported; accepted: "
+                                 f"{sorted(PIPELINES)} (or point model.path at a bare unet/ folder)")
+        key = PIPELINES.get(pipeline) or next((k for k in ("unet", "transformer") if _component(index, k)), None)
+        if key is None or _component(index, key) is None:
+            raise SagConfigError(f"{index_file} names no {key or 'unet or transformer'!r} component; "
+                                 f"expected {LAYOUT}")
+        parts.update(net=_subdir(path, index_file, key, _component(index, key)), index=index)
+        for part in ("vae", "text_encoder", "tokenizer"):
+            cls = _component(index, part)
+            if cls is not None:
+                parts[part] = _subdir(path, index_file, part, cls)
+        return parts
     if (path / "config.json").is_file():
-        sched = path / "scheduler" if (path / "scheduler").is_dir() else None
-        return path, sched, None
+        return parts
     raise SagConfigError(f"model.path {str(path)!r} has neither model_index.json nor config.json; expected {LAYOUT}")
+
+
+def _load_error(folder: Path, cls_name: str, e: Exception) -> SagConfigError:
+    """One line from a loading error; a shape mismatch names config.json and the offending parameter."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    mismatch = next((ln for ln in lines if "size mismatch" in ln or "shape" in ln and "checkpoint" in ln), None)
+    if mismatch is not None:
+        return SagConfigError(f"{folder / 'config.json'} does not match the weights in {folder}: {mismatch}")
+    first = lines[0] if lines else type(e).__name__
+    return SagConfigError(f"{folder}: cannot load {cls_name} weights: {first}")
+
+
+def _check_loading_info(folder: Path, cls_name: str, info: dict) -> None:
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise SagConfigError(f"{folder / 'config.json'} does not match the weights in {folder}: {len(missing)} "
+                             f"parameter(s) of the {cls_name} are missing from the weights (e.g. {missing[0]}), "
+                             "they would be random")
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        raise SagConfigError(f"{folder / 'config.json'} does not match the weights in {folder}: shape mismatch "
+                             f"for {mismatched[0]}")
+
+
+def _load_diffusers_model(cls_name: str, folder: Path, torch_dtype: torch.dtype):
+    cls = getattr(diffusers, cls_name)
+    try:
+        model, info = cls.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True,
+                                          output_loading_info=True, low_cpu_mem_usage=HAS_ACCELERATE)
+    except SagConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise _load_error(folder, cls_name, e) from None
+    _check_loading_info(folder, cls_name, info)
+    return model
+
+
+class PromptEncoder:
+    """Prompts -> CLIP text embeddings (B, L, D), exactly as diffusers' ``StableDiffusionPipeline.encode_prompt``
+    (clip_skip=None): padded to the tokenizer's max length, truncated with a warning, attention mask only when the
+    text encoder's config asks for one. Runs on the text encoder's device; ``to`` moves it with the model."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval().requires_grad_(False)
+        max_len = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        if not 0 < max_len <= 100_000:  # tokenizers without a configured length report ~1e30
+            max_len = int(text_encoder.config.max_position_embeddings)
+        self.max_length = max_len
+
+    def to(self, device=None, dtype=None) -> PromptEncoder:
+        self.text_encoder.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+        enc = self.text_encoder
+        device = next(enc.parameters()).device
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        longest = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if longest.shape[-1] > tok.input_ids.shape[-1]:
+            removed = self.tokenizer.batch_decode(longest[:, self.max_length - 1 : -1])
+            warnings.warn(f"prompt truncated to {self.max_length} tokens (CLIP's limit); removed: {removed}",
+                          stacklevel=2)
+        mask = tok.attention_mask.to(device) if getattr(enc.config, "use_attention_mask", False) else None
+        out = enc(tok.input_ids.to(device), attention_mask=mask)[0]
+        return out.to(dtype=enc.dtype)
+
+
+def _load_text(root: Path, parts: dict, torch_dtype: torch.dtype) -> PromptEncoder:
+    index_file = root / "model_index.json"
+    if parts["text_encoder"] is None or parts["tokenizer"] is None:
+        missing = [p for p in ("text_encoder", "tokenizer") if parts[p] is None]
+        raise SagConfigError(f"{index_file}: a Stable Diffusion pipeline (UNet2DConditionModel) needs text_encoder/ "
+                             f"and tokenizer/; it names no {' and no '.join(missing)}")
+    enc_cls, tok_cls = _component(parts["index"], "text_encoder"), _component(parts["index"], "tokenizer")
+    if enc_cls not in TEXT_ENCODERS:
+        raise SagConfigError(f"{index_file}: text_encoder {enc_cls!r} is not supported; accepted: {list(TEXT_ENCODERS)}"
+                             " (Stable Diffusion 1.x/2.x)")
+    if tok_cls not in TOKENIZERS:
+        raise SagConfigError(f"{index_file}: tokenizer {tok_cls!r} is not supported; accepted: {list(TOKENIZERS)}")
+    try:
+        import transformers
+    except ImportError:
+        raise SagConfigError(f"{root}: Stable Diffusion pipelines need transformers for the text encoder; install the "
+                             "sd extra: pip install 'sag-lab[sd]'") from None
+    folder = parts["text_encoder"]
+    try:
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(parts["tokenizer"], local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise _load_error(parts["tokenizer"], "CLIPTokenizer", e) from None
+    try:
+        enc, info = transformers.CLIPTextModel.from_pretrained(folder, local_files_only=True, dtype=torch_dtype,
+                                                               output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise _load_error(folder, "CLIPTextModel", e) from None
+    _check_loading_info(folder, "CLIPTextModel", info)
+    return PromptEncoder(tokenizer, enc)
 
 
 def load_diffusers_dir(
@@ -49,42 +212,64 @@ def load_diffusers_dir(
     prediction_type: str | None = None,
     clip_denoised: bool | None = None,
     dtype: str = "float32",
+    negative_prompt: str | None = None,
 ) -> DiffusionModel:
-    """UNet + training schedule (+ VAE) from a local directory.
+    """Denoiser + training schedule (+ VAE, + text encoder) from a local directory.
 
-    The training schedule (betas) comes from ``scheduler/scheduler_config.json`` when present, else
-    diffusers' DDPM defaults (linear 1e-4..0.02, 1000 steps).
+    The training schedule (betas) and the prediction type come from ``scheduler/scheduler_config.json`` when
+    present, else diffusers' DDPM defaults (linear 1e-4..0.02, 1000 steps, epsilon). For text models,
+    ``negative_prompt`` replaces the empty prompt as the unconditional input (diffusers' ``negative_prompt``).
     """
     root = Path(path).expanduser()
-    unet_dir, sched_dir, vae_dir = _locate(root)
-    cfg = _read_json(unet_dir / "config.json")
+    parts = _locate(root)
+    net_dir = parts["net"]
+    cfg = _read_json(net_dir / "config.json")
     cls_name = cfg.get("_class_name")
-    if cls_name not in UNET_CLASSES:
-        raise SagConfigError(f"{unet_dir / 'config.json'}: _class_name {cls_name!r} is not one of {UNET_CLASSES}")
-    torch_dtype = getattr(torch, dtype)
+    if cls_name not in NET_CLASSES:
+        raise SagConfigError(f"{net_dir / 'config.json'}: _class_name {cls_name!r} is not one of {NET_CLASSES}")
+    is_dit = cls_name in DIT_CLASSES
+    if cls_name == "Transformer2DModel":
+        if cfg.get("norm_type") != "ada_norm_zero" or not cfg.get("patch_size"):
+            raise SagConfigError(f"{net_dir / 'config.json'}: a Transformer2DModel is supported only as DiT "
+                                 f"(norm_type 'ada_norm_zero' with patch_size), not norm_type "
+                                 f"{cfg.get('norm_type')!r}")
+        cls_name = "DiTTransformer2DModel"  # what diffusers itself remaps it to
+    if negative_prompt is not None and cls_name != "UNet2DConditionModel":
+        raise SagConfigError(f"negative_prompt={negative_prompt!r} but {root} holds a {cls_name}, not a text model")
     try:
-        net = getattr(diffusers, cls_name).from_pretrained(unet_dir, torch_dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SagConfigError(f"{unet_dir}: cannot load {cls_name} weights: {str(e).splitlines()[0]}") from None
+        torch_dtype = getattr(torch, dtype)
+        assert isinstance(torch_dtype, torch.dtype)
+    except (AttributeError, AssertionError):
+        raise SagConfigError(f"dtype={dtype!r}; accepted: float32, float16, bfloat16") from None
+    net = _load_diffusers_model(cls_name, net_dir, torch_dtype)
 
+    sched_dir = parts["scheduler"]
     sched_cfg = _read_json(sched_dir / "scheduler_config.json") if sched_dir else {}
     schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     base = {k: sched_cfg[k] for k in schedule_keys if k in sched_cfg}
     alphas_cumprod = diffusers.DDPMScheduler.from_config(base).alphas_cumprod.clone()
     pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
     in_ch = int(cfg.get("in_channels", 3))
-    out_ch = int(cfg.get("out_channels", in_ch))
+    out_ch = int(cfg.get("out_channels") or in_ch)
     learned = out_ch == 2 * in_ch or sched_cfg.get("variance_type") in ("learned", "learned_range")
 
     vae = None
     latent_scale = 1.0
-    if vae_dir is not None:
-        vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype)
+    if parts["vae"] is not None:
+        vae_cls = _component(parts["index"], "vae")
+        if vae_cls != "AutoencoderKL":
+            raise SagConfigError(f"{root / 'model_index.json'}: vae {vae_cls!r} is not supported; accepted: "
+                                 "['AutoencoderKL']")
+        vae = _load_diffusers_model("AutoencoderKL", parts["vae"], torch_dtype)
         latent_scale = float(vae.config.get("scaling_factor", 0.18215))
     size = cfg.get("sample_size", 32)
     size = tuple(size) if isinstance(size, list | tuple) else (int(size), int(size))
     conditioning = "text" if cls_name == "UNet2DConditionModel" else "none"
     num_classes, has_null, class_names = None, False, None
+    null_text, encode_prompt = None, None
+    if cls_name == "UNet2DConditionModel" and parts["index"]:
+        encode_prompt = _load_text(root, parts, torch_dtype)
+        null_text = encode_prompt([negative_prompt or ""])  # (1, L, D), as encode_prompt's negative branch
     if cls_name == "UNet2DModel" and cfg.get("num_class_embeds"):
         conditioning, num_classes = "class", int(cfg["num_class_embeds"])
         # classes.json (written by experiments.train) names the classes and the null class, which is
@@ -99,6 +284,16 @@ def load_diffusers_dir(
                     raise SagConfigError(f"{classes_file}: null_class {null} is not the last of "
                                          f"{num_classes} class embeddings")
                 num_classes, has_null = num_classes - 1, True
+    if is_dit and cfg.get("num_embeds_ada_norm"):
+        # DiT's label embedding has one extra row (the CFG null class, label num_classes) when it was trained
+        # with class dropout, as every DiT: DiTPipeline passes label 1000 for the unconditional branch.
+        conditioning, num_classes = "class", int(cfg["num_embeds_ada_norm"])
+        rows = [m.embedding_table.num_embeddings for m in net.modules() if hasattr(m, "embedding_table")]
+        has_null = bool(rows) and rows[0] > num_classes
+        id2label = parts["index"].get("id2label")
+        if isinstance(id2label, dict):
+            class_names = [str(id2label.get(str(i), i)) for i in range(num_classes)]
+    sampler = {k: sched_cfg[k] for k in SAMPLER_KEYS if k in sched_cfg} if vae is not None else {}
     return DiffusionModel(
         name=root.name,
         net=net,
@@ -109,11 +304,14 @@ def load_diffusers_dir(
         num_classes=num_classes,
         has_null_class=has_null,
         class_names=class_names,
+        null_text=null_text,
+        encode_prompt=encode_prompt,
         decoder=vae,
         latent_scale=latent_scale,
         sample_size=size,
         in_channels=in_ch,
-        clip_denoised=(vae is None) if clip_denoised is None else clip_denoised,
-        scheduler_config=dict(base, prediction_type=pred),
+        clip_denoised=(vae is None and not is_dit) if clip_denoised is None else clip_denoised,
+        scheduler_config=dict(base, **sampler, prediction_type=pred),
         source=str(root.resolve()),
+        call_style="transformer" if is_dit else "unet",
     )
