@@ -48,9 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = load_model("diffusers_dir", path=args.model_dir) if args.model_dir else load_model("embedded")
-    clf_dir = Path(args.evaluators) / "classifier" if args.evaluators else None
-    clf = load_evaluator("classifier", clf_dir) if clf_dir else load_evaluator("classifier", None)
-    clf.eval()
+    clf = load_evaluator("classifier", Path(args.evaluators) / "classifier" if args.evaluators else None)
     seeds = list(range(args.n))
     labels = torch.tensor([s % model.num_classes for s in seeds])
     t0 = time.time()

@@ -1,0 +1,41 @@
+"""Train the domain evaluators (classifier, noisy classifier, segmenter; logic in sag.evaluators.train).
+
+    python -m experiments.train_evaluators out_dir=outputs/evaluators threads=1
+    python -m experiments.train_evaluators kinds=[segmenter] segmenter.steps=300
+
+Writes ``<out_dir>/<kind>/model.safetensors``, ``config.json`` (with the held-out metrics) and ``loss.csv``
+per kind, and prints each kind's summary as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.common import check_positive, user_errors
+from sag.errors import SagConfigError
+from sag.evaluators import EVALUATORS
+from sag.evaluators.train import train_evaluator
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_evaluators")
+def main(cfg: DictConfig) -> None:
+    out = HydraConfig.get().runtime.output_dir  # = out_dir, resolved once at startup
+    with user_errors():
+        torch.set_num_threads(check_positive("threads", cfg.threads))
+        kinds = list(cfg.kinds)
+        bad = [k for k in kinds if k not in EVALUATORS]
+        if bad or not kinds:
+            raise SagConfigError(f"kinds={kinds}; accepted: a non-empty list of {sorted(EVALUATORS)}")
+        for kind in kinds:
+            summary = train_evaluator(kind, cfg, out)
+            print(json.dumps(summary, indent=2), flush=True)
+            print(f"{kind}: wrote {summary['weights']} and config.json", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Domain evaluators for the embedded scene domain (:mod:`sag.data.scenes`).
+
+* :class:`DomainClassifier`: class of the largest object from a clean image; its 128-d penultimate
+  :meth:`~DomainClassifier.features` are the feature space of the domain Frechet distance.
+* :class:`NoisyClassifier`: the same on noisy ``x_t`` at timestep ``t`` (PIXEL_SCHEDULE), for classifier
+  guidance.
+* :class:`ObjectSegmenter`: binary object mask of a clean image (stand-in for Mask R-CNN).
+
+Saved as ``model.safetensors`` + ``config.json`` (:func:`save_evaluator` / :func:`load_evaluator`); trained by
+:func:`sag.evaluators.train.train_evaluator` (``python -m experiments.train_evaluators``).
+"""
+
+from __future__ import annotations
+
+from sag.evaluators.io import load_evaluator, load_noisy_classifier, read_config, save_evaluator
+from sag.evaluators.metrics import accuracy, frechet_distance, frechet_distance_from_stats, mask_iou
+from sag.evaluators.nets import (
+    EVALUATORS,
+    DomainClassifier,
+    NoisyClassifier,
+    ObjectSegmenter,
+    build_evaluator,
+    num_parameters,
+)
+
+__all__ = [
+    "EVALUATORS",
+    "DomainClassifier",
+    "NoisyClassifier",
+    "ObjectSegmenter",
+    "accuracy",
+    "build_evaluator",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "load_evaluator",
+    "load_noisy_classifier",
+    "mask_iou",
+    "num_parameters",
+    "read_config",
+    "save_evaluator",
+]
