@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from hydra.errors import InstantiationException
@@ -13,6 +14,8 @@ from omegaconf import DictConfig
 
 from sag.errors import SagConfigError
 from sag.models import DiffusionModel
+from sag.seeds import format_seeds, parse_seeds
+from sag.shards import parse_shard, shard_cond, shard_seeds
 
 
 @contextmanager
@@ -82,3 +85,39 @@ def load_classifier(cfg: DictConfig, model: DiffusionModel):
     from sag.evaluators import load_noisy_classifier  # imported lazily: only CG needs it
 
     return load_noisy_classifier(cfg.get("classifier")).to(model.device)
+
+
+@dataclass
+class RunInputs:
+    """The validated run settings shared by the sampling entry points."""
+
+    all_seeds: list[int]
+    shard: tuple[int, int] | None
+    seeds: list[int]  # this shard's seeds
+    steps: int
+    batch_size: int
+    size: tuple[int, int] | None
+
+    def meta(self, cfg: DictConfig) -> dict:
+        from omegaconf import OmegaConf
+
+        return {"config": OmegaConf.to_container(cfg, resolve=True), "all_seeds": format_seeds(self.all_seeds),
+                "shard": cfg.get("shard")}
+
+
+def run_inputs(cfg: DictConfig) -> RunInputs:
+    """Seeds (and shard), steps, batch size and size, validated before any work starts."""
+    all_seeds = parse_seeds(cfg.seeds)
+    shard = parse_shard(cfg.get("shard"))
+    size = tuple(cfg.size) if cfg.get("size") is not None else None
+    if size is not None and (len(size) != 2 or min(size) <= 0):
+        raise SagConfigError(f"size={list(size)}; accepted: [H, W] with positive H, W, or null")
+    return RunInputs(all_seeds, shard, shard_seeds(all_seeds, shard), check_positive("steps", cfg.steps),
+                     check_positive("batch_size", cfg.batch_size), size)
+
+
+def conditions(cfg: DictConfig, model: DiffusionModel, inputs: RunInputs) -> torch.Tensor | None:
+    """Labels or prompt embeddings of this shard's seeds (per-seed lists are given for all seeds)."""
+    cond = (class_labels(cfg, model, inputs.all_seeds) if model.conditioning == "class"
+            else text_cond(cfg, model, inputs.all_seeds))
+    return shard_cond(cond, len(inputs.all_seeds), inputs.shard)
