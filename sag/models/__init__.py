@@ -8,9 +8,11 @@ from sag.errors import SagConfigError
 from sag.models.adm import load_adm
 from sag.models.base import DiffusionModel
 from sag.models.diffusers_dir import load_diffusers_dir
+from sag.models.embedded import load_embedded
 from sag.models.tiny import load_tiny_pixel, load_tiny_pixel_cond, load_tiny_sd
 
 MODELS: dict[str, Callable[..., DiffusionModel]] = {
+    "embedded": load_embedded,
     "tiny_pixel": load_tiny_pixel,
     "tiny_pixel_cond": load_tiny_pixel_cond,
     "tiny_sd": load_tiny_sd,
