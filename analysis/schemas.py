@@ -1,0 +1,61 @@
+"""The tidy tables a run dir holds (``tables/<name>.parquet``): name -> required columns.
+
+This is the contract between the stages that write tables (studies, evaluate, benchmarks) and those that
+read them (figures, notebooks). A writer may add columns; a reader may rely only on these.
+``validate(df, name)`` raises :class:`analysis.tables.TableError` when a required column is missing.
+
+Conventions: one row per measured value ("long" tables); ``step`` is the sampler iteration, ``t`` the
+model timestep, ``seed`` the image; ``psi`` the mask threshold as a multiple of the mean (paper Sec. 3.2);
+``patch`` the pixel size of the square patch that one token of the layer covers; ``grid`` the layer's
+token grid as "HxW".
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.tables import TableError
+
+TABLES: dict[str, tuple[str, ...]] = {
+    # Study 1: attention statistics over timesteps, one row per (layer, step, seed, metric).
+    # metric in: entropy (mean row entropy, nats), entropy_norm (/ log N), mask_area (fraction of tokens
+    # with received mass > psi * mean), mask_iou_last (IoU of this step's mask with the last step's),
+    # gini (concentration of received mass). psi is NaN for metrics without a threshold.
+    "attention_timesteps": ("run", "model", "layer", "grid", "step", "t", "seed", "metric", "psi", "value"),
+    # Study 2 (Exp. B): mean DFT magnitude per integer radial frequency bin (DC excluded), one row per
+    # (layer, psi, source, step, seed, region, freq). source: "final" (the generated image) or "x0"
+    # (the x0 estimate at that step); region: masked / unmasked / all.
+    "frequency": ("run", "model", "layer", "patch", "psi", "source", "step", "t", "seed", "region", "freq",
+                  "magnitude"),
+    # Exp. B panel (d): percentage difference 100 (|F|_masked - |F|_unmasked) / |F|_unmasked over the
+    # centred 2-D frequency plane (u, v), averaged over images.
+    "frequency_surface": ("run", "model", "layer", "patch", "psi", "source", "step", "u", "v", "pct_diff"),
+    # Study 3 (Exp. C): per image; target: object / texture; measure: iou_attention, iou_random (mean over
+    # draws), auroc, pointbiserial_r. mode: scenes (forward-noised dataset scenes, exact masks) or samples
+    # (generated images, masks from the domain segmenter).
+    "object_correlation": ("run", "model", "layer", "patch", "psi", "mode", "t", "seed", "target", "measure",
+                           "value"),
+    # Every statistical comparison: paired test, effect, bootstrap CI, raw and Holm-corrected p.
+    "stats": ("study", "comparison", "layer", "patch", "psi", "step", "n", "effect", "ci_low", "ci_high", "p",
+              "p_holm", "test"),
+    # One row per finding of the paper; verdict in: confirmed / not confirmed / inconclusive.
+    "claims": ("claim_id", "claim", "paper_value", "measure", "effect", "ci_low", "ci_high", "n", "p", "verdict"),
+    # Issue-9 quality: per guidance setting and metric, bootstrap CI over seeds.
+    # metric in: fd, precision, recall, class_accuracy, is_score.
+    "quality": ("run", "guidance", "scale", "metric", "value", "ci_low", "ci_high", "n"),
+    # Quality-cost frontier: schedule = "full", "window a-b" or "every k"; calls_per_image from counting.
+    "frontier": ("guidance", "schedule", "scale", "calls_per_image", "metric", "value", "ci_low", "ci_high"),
+    # Cost per guidance setting, measured in one run (ratios against the same run's unguided / CFG).
+    "bench": ("benchmark", "setting", "model", "device", "dtype", "batch", "steps", "calls_per_image",
+              "s_per_image", "peak_mem_mb", "ratio_vs_none", "ratio_vs_cfg", "machine", "date"),
+}
+
+
+def validate(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Return ``df`` if it has every required column of table ``name``; raise TableError otherwise."""
+    if name not in TABLES:
+        raise TableError(f"unknown table {name!r}; known: {sorted(TABLES)}")
+    missing = [c for c in TABLES[name] if c not in df.columns]
+    if missing:
+        raise TableError(f"table {name}: lacks columns {missing}; it has {list(df.columns)}")
+    return df
