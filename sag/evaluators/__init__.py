@@ -5,6 +5,8 @@
 * :class:`NoisyClassifier`: the same on noisy ``x_t`` at timestep ``t`` (PIXEL_SCHEDULE), for classifier
   guidance.
 * :class:`ObjectSegmenter`: binary object mask of a clean image (stand-in for Mask R-CNN).
+* :mod:`sag.evaluators.quality`: FD (torchmetrics), improved precision/recall, class accuracy and an IS-style
+  score on any feature extractor, with bootstrap CIs over seeds; Inception FID/IS from a local weights file.
 
 Saved as ``model.safetensors`` + ``config.json`` (:func:`save_evaluator` / :func:`load_evaluator`); trained by
 :func:`sag.evaluators.train.train_evaluator` (``python -m experiments.train_evaluators``).
@@ -22,6 +24,16 @@ from sag.evaluators.nets import (
     build_evaluator,
     num_parameters,
 )
+from sag.evaluators.quality import (
+    bootstrap_ci,
+    class_accuracy,
+    extract,
+    fd_score,
+    inception_metrics,
+    is_score,
+    precision_recall,
+    quality_metrics,
+)
 
 __all__ = [
     "EVALUATORS",
@@ -29,13 +41,21 @@ __all__ = [
     "NoisyClassifier",
     "ObjectSegmenter",
     "accuracy",
+    "bootstrap_ci",
     "build_evaluator",
+    "class_accuracy",
+    "extract",
+    "fd_score",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "inception_metrics",
+    "is_score",
     "load_evaluator",
     "load_noisy_classifier",
     "mask_iou",
     "num_parameters",
+    "precision_recall",
+    "quality_metrics",
     "read_config",
     "save_evaluator",
 ]
