@@ -1,0 +1,212 @@
+"""Statistics for the attention studies: bootstrap CIs over images, paired tests and Holm's correction.
+
+The unit of replication is the image (seed): every comparison pairs two measurements of the same images
+(masked vs unmasked patches, attention vs random masks), so the tests are paired and the bootstrap resamples
+images. Pairs with a missing value (e.g. an image whose mask at psi = 1.3 is empty) are left out of that
+comparison and ``n`` says how many pairs were used.
+
+* :func:`bootstrap_ci`: percentile bootstrap of the mean paired difference and of the relative difference
+  100 (mean a - mean b) / mean b, ``n_boot`` resamples from one seeded generator, vectorised.
+* :func:`paired_p`: two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``; exact for small n, p = 1
+  when every difference is 0) or a sign-flip permutation test of the mean difference.
+* :func:`holm`: Holm's step-down adjustment (Holm 1979), written out because statsmodels is not a dependency
+  and ``scipy.stats.false_discovery_control`` is Benjamini-Hochberg/Yekutieli, not family-wise.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+from scipy.stats import wilcoxon
+
+TESTS = ("wilcoxon", "permutation")
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-adjusted p-values: sort ascending, p_(i) * (m - i + 1), running maximum, capped at 1.
+    NaN p-values are kept as NaN and do not count towards m."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    m = int(ok.sum())
+    if m == 0:
+        return out
+    order = np.argsort(p[ok], kind="stable")
+    adj = p[ok][order] * (m - np.arange(m))
+    adj = np.minimum(np.maximum.accumulate(adj), 1.0)
+    vals = np.empty(m)
+    vals[order] = adj
+    out[ok] = vals
+    return out
+
+
+def paired_p(a: np.ndarray, b: np.ndarray, test: str = "wilcoxon", n_perm: int = 10000, seed: int = 0) -> float:
+    """Two-sided p of H0 "a and b have the same distribution" for paired samples (NaN pairs dropped)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return float("nan")
+    if np.all(d == 0):
+        return 1.0
+    if test == "wilcoxon":
+        return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    if test == "permutation":
+        rng = np.random.default_rng(seed)
+        signs = rng.choice((-1.0, 1.0), size=(n_perm, len(d)))
+        null = np.abs((signs * d).mean(-1))
+        return float((1 + (null >= abs(d.mean()) - 1e-12).sum()) / (n_perm + 1))
+    raise ValueError(f"test={test!r}; accepted: {list(TESTS)}")
+
+
+@lru_cache(maxsize=64)
+def resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) bootstrap weights (counts / n) of ``n_boot`` resamples of n pairs with replacement, from
+    ``default_rng(seed)``; cached, so every comparison with the same n uses the same resamples."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    w = np.zeros((n_boot, n))
+    np.add.at(w, (np.arange(n_boot)[:, None], idx), 1.0 / n)
+    w.setflags(write=False)
+    return w
+
+
+def bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean paired difference a - b and relative difference (% of mean b) with percentile bootstrap CIs over
+    pairs (NaN pairs dropped). Returns n, mean_a, mean_b, effect, ci_low, ci_high, rel_effect_pct,
+    rel_ci_low, rel_ci_high."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[ok], b[ok]
+    n = len(a)
+    nan = float("nan")
+    out = {"n": n, "mean_a": nan, "mean_b": nan, "effect": nan, "ci_low": nan, "ci_high": nan,
+           "rel_effect_pct": nan, "rel_ci_low": nan, "rel_ci_high": nan}
+    if n == 0:
+        return out
+    w = resample_weights(n, n_boot, seed)  # (n_boot, n): how often each pair is drawn / n
+    ma, mb = w @ a, w @ b
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = 100 * (ma - mb) / mb
+        rel_point = 100 * (a.mean() - b.mean()) / b.mean() if b.mean() != 0 else nan
+    lo, hi = np.percentile(ma - mb, q)
+    rel = rel[np.isfinite(rel)]
+    rlo, rhi = np.percentile(rel, q) if len(rel) else (nan, nan)
+    out.update(mean_a=a.mean(), mean_b=b.mean(), effect=a.mean() - b.mean(), ci_low=lo, ci_high=hi,
+               rel_effect_pct=rel_point, rel_ci_low=rlo, rel_ci_high=rhi)
+    return out
+
+
+def compare(a: np.ndarray, b: np.ndarray, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0) -> dict:
+    """One paired comparison: :func:`bootstrap_ci` fields plus ``p`` and ``test``."""
+    return {**bootstrap_ci(a, b, n_boot, seed), "p": paired_p(a, b, test, seed=seed), "test": test}
+
+
+def compare_groups(df: pd.DataFrame, keys: list[str], pair: str, a, b=None, value: str = "value", *,
+                   against: float | None = None, unit: str = "seed", test: str = "wilcoxon", n_boot: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Paired comparison of rows with ``pair == a`` vs ``pair == b`` within every group of ``keys``, pairing
+    rows by ``unit``; with ``against`` (a number), ``a`` is compared with that constant (one-sample test).
+    Duplicate (keys, unit, pair) rows raise instead of being silently dropped."""
+    if df.empty:
+        return pd.DataFrame()
+    wide = df.set_index([*keys, unit, pair])[value].unstack(pair)  # raises on duplicates
+    if a not in wide.columns or (against is None and b not in wide.columns):
+        return pd.DataFrame()
+    rows = []
+    for key, g in wide.groupby(level=list(range(len(keys))), dropna=False, sort=True):
+        va = g[a].to_numpy(np.float64)
+        vb = np.full_like(va, float(against)) if against is not None else g[b].to_numpy(np.float64)
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                     **compare(va, vb, test=test, n_boot=n_boot, seed=seed)})
+    return pd.DataFrame(rows)
+
+
+def add_holm(stats: pd.DataFrame, family: list[str]) -> pd.DataFrame:
+    """Column ``p_holm``: Holm within each family (rows sharing ``family`` values), i.e. across the layers,
+    patch sizes, psi, steps and frequencies of one kind of comparison."""
+    out = stats.copy()
+    out["p_holm"] = np.nan
+    for _, idx in out.groupby(family, dropna=False).groups.items():
+        out.loc[idx, "p_holm"] = holm(out.loc[idx, "p"].to_numpy())
+    return out
+
+
+FAMILY = ["study", "comparison", "source", "mode", "target"]
+
+
+def _log_gap(freq: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per image and bin: log(masked / unmasked) mean magnitude (the gap of Exp. B on a log scale)."""
+    wide = freq.set_index([*keys, "seed", "freq", "region"])["magnitude"].unstack("region")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.log(wide["masked"] / wide["unmasked"])
+    return gap.rename("gap").reset_index()
+
+
+def frequency_stats(freq: pd.DataFrame, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Exp. B comparisons (Sec. 2.3): masked vs unmasked magnitude per frequency bin; the slope of the log gap
+    over frequency vs 0 (does the gap grow with frequency?); the mean log gap at the largest vs the smallest psi."""
+    keys = ["layer", "patch", "psi", "source", "step", "t"]
+    kw = dict(test=test, n_boot=n_boot, seed=seed)
+    out = [compare_groups(freq, [*keys, "freq"], "region", "masked", "unmasked", "magnitude", **kw)
+           .assign(comparison="masked_vs_unmasked")]
+    gap = _log_gap(freq, keys)
+    f = gap["freq"].astype(np.float64)
+    gap["fc"] = f - gap.groupby([*keys, "seed"])["freq"].transform("mean")
+    gap["num"], gap["den"] = gap["fc"] * gap["gap"], gap["fc"] ** 2
+    sums = gap.groupby([*keys, "seed"], dropna=False)[["num", "den"]].sum(min_count=1)
+    sums["value"] = np.where(sums["den"] > 0, sums["num"] / sums["den"].where(sums["den"] > 0), np.nan)
+    slope = sums.reset_index().assign(kind="slope")
+    slope = slope[slope["den"] > 0]  # patches with a single radial bin have no slope
+    out.append(compare_groups(slope, keys, "kind", "slope", against=0.0, **kw).assign(comparison="gap_slope_vs_freq"))
+    psis = sorted(freq["psi"].unique())
+    if len(psis) >= 2:
+        mean_gap = gap.groupby([*keys, "seed"], dropna=False)["gap"].mean().rename("value").reset_index()
+        mean_gap = mean_gap[mean_gap["psi"].isin([psis[0], psis[-1]])]
+        k2 = [k for k in keys if k != "psi"]
+        res = compare_groups(mean_gap, k2, "psi", psis[-1], psis[0], **kw)
+        out.append(res.assign(psi=psis[-1], comparison=f"gap_psi_{psis[-1]:g}_vs_{psis[0]:g}"))
+    return pd.concat([o for o in out if len(o)], ignore_index=True).assign(study="frequency")
+
+
+def correlation_stats(corr: pd.DataFrame, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Exp. C comparisons (Sec. 2.4): attention vs random-mask IoU; AUROC vs 0.5; point-biserial r vs 0; AUROC
+    for texture (exact; else the image-derived high-frequency mask) vs AUROC for objects."""
+    keys = ["mode", "target", "layer", "patch", "psi", "step", "t"]
+    kw = dict(test=test, n_boot=n_boot, seed=seed)
+    iou = corr[corr["measure"].isin(["iou_attention", "iou_random"])]
+    free = corr[corr["measure"].isin(["auroc", "pointbiserial_r"])]
+    out = [compare_groups(iou, keys, "measure", "iou_attention", "iou_random", **kw)
+           .assign(comparison="iou_attention_vs_random"),
+           compare_groups(free, keys, "measure", "auroc", against=0.5, **kw).assign(comparison="auroc_vs_chance"),
+           compare_groups(free, keys, "measure", "pointbiserial_r", against=0.0, **kw)
+           .assign(comparison="pointbiserial_vs_0")]
+    auc = corr[corr["measure"] == "auroc"]
+    k2 = [k for k in keys if k != "target"]
+    for _, g in auc.groupby("mode"):
+        tex = "texture" if "texture" in set(g["target"]) else "highfreq"
+        res = compare_groups(g[g["target"].isin([tex, "object"])], k2, "target", tex, "object", **kw)
+        out.append(res.assign(target=tex, comparison="auroc_texture_vs_object"))
+    return pd.concat([o for o in out if len(o)], ignore_index=True).assign(study="correlation")
+
+
+def stats_table(freq: pd.DataFrame | None, corr: pd.DataFrame | None, *, test: str = "wilcoxon", n_boot: int = 2000,
+                seed: int = 0) -> pd.DataFrame:
+    """The ``stats`` table: every comparison with n, effect (mean paired difference), bootstrap CI, p and Holm's
+    p within each family (:data:`FAMILY`: one kind of comparison on one image set, across layers, patch sizes,
+    psi, steps and frequency bins)."""
+    kw = dict(test=test, n_boot=n_boot, seed=seed)
+    parts = []
+    if freq is not None and len(freq):
+        parts.append(frequency_stats(freq, **kw))
+    if corr is not None and len(corr):
+        parts.append(correlation_stats(corr, **kw))
+    if not parts:
+        raise ValueError("stats_table: no frequency or correlation rows to test")
+    out = pd.concat(parts, ignore_index=True)
+    for col in ["source", "mode", "target", "freq", "step", "t", "psi"]:
+        if col not in out:
+            out[col] = np.nan
+    out[["source", "mode", "target"]] = out[["source", "mode", "target"]].astype(object).fillna("")
+    return add_holm(out, FAMILY)

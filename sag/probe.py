@@ -1,0 +1,108 @@
+"""Model-side inputs of the Exp. C object study (paper Sec. 2.4): attention on forward-noised scenes with exact
+masks, and object masks of generated samples from the domain segmenter.
+
+``probe_scenes`` noises dataset scenes to chosen timesteps t (q(x_t | x_0), one seeded noise per scene and t),
+runs ONE model call per (batch, t) under :func:`sag.capture.capture_attention`, and writes
+
+    <out>/records/    the sag.records format (``step`` k = the k-th t, ``seed`` = the scene index, x0 = the
+                      clean scene), read by analysis like any sampling run
+    <out>/masks.npz   seeds, object_mask, texture_mask (n, H, W) bool, label (n,), image (n, 3, H, W), t (k,)
+
+``segment_images`` / ``write_sample_masks`` run the shipped object segmenter (the stand-in for the paper's
+Mask R-CNN) on generated images and store the masks as ``.npz`` (seeds, object_mask) for the analysis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sag.capture import capture_attention
+from sag.data.scenes import SIZE, make_scenes
+from sag.errors import SagConfigError
+from sag.models.base import DiffusionModel
+from sag.records import RecordWriter
+
+MASKS_FILE = "masks.npz"
+
+
+def _check_scene_model(model: DiffusionModel, what: str) -> None:
+    if model.is_latent or model.in_channels != 3 or tuple(model.sample_size) != (SIZE, SIZE):
+        raise SagConfigError(f"{what} needs a {SIZE}x{SIZE} RGB pixel model (the scene domain); model "
+                             f"{model.name!r} has {model.in_channels} channels at {list(model.sample_size)}"
+                             f"{' (latent)' if model.is_latent else ''}")
+
+
+def scene_noise(noise_seed: int, indices: Sequence[int], k: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """eps for scene ``indices`` at the k-th t: a function of (noise_seed, scene index, k) only."""
+    return torch.from_numpy(np.stack([np.random.default_rng([noise_seed, int(i), k]).standard_normal(shape)
+                                      for i in indices]).astype(np.float32))
+
+
+@torch.no_grad()
+def probe_scenes(model: DiffusionModel, out_dir: str | Path, *, layers: Sequence[str], ts: Sequence[float],
+                 data_seed: int = 3, start: int = 0, count: int = 32, batch_size: int = 32, noise_seed: int = 0,
+                 reductions: Sequence[str] = ("received",), dtype: str = "float32") -> Path:
+    """Capture attention on ``count`` scenes of dataset ``data_seed`` noised to each t in ``ts``; returns
+    ``out_dir``. Class-conditional models get the scene's label (the class of its largest object)."""
+    _check_scene_model(model, "the scenes probe")
+    if count <= 0 or batch_size <= 0:
+        raise SagConfigError(f"scenes count={count}, batch_size={batch_size}; accepted: positive integers")
+    n_train = model.alphas_cumprod.numel()
+    bad = [t for t in ts if not 0 <= float(t) < n_train]
+    if bad or not ts:
+        raise SagConfigError(f"scene timesteps {list(ts)}; accepted: a non-empty list in [0, {n_train})")
+    out = Path(out_dir)
+    scenes = make_scenes(data_seed, start, count)
+    seeds = list(range(start, start + count))
+    writer = RecordWriter(out / "records", dtype, meta={"probe": "scenes", "model": model.describe(),
+                                                        "data_seed": data_seed, "t": [float(t) for t in ts],
+                                                        "layers": list(layers), "noise_seed": noise_seed})
+    x0_all = torch.from_numpy(scenes["image"])
+    labels = torch.from_numpy(scenes["label"])
+    with capture_attention(model.net, list(layers), list(reductions)) as store:
+        for bi, lo in enumerate(range(0, count, batch_size)):
+            idx = seeds[lo: lo + batch_size]
+            x0 = x0_all[lo: lo + batch_size].to(model.device, model.dtype)
+            cond = labels[lo: lo + batch_size].to(model.device) if model.conditioning == "class" else None
+            for k, t in enumerate(ts):
+                eps = scene_noise(noise_seed, idx, k, tuple(x0.shape[1:])).to(model.device, model.dtype)
+                tt = torch.full((len(idx),), float(t), device=model.device)
+                x_t = model.schedule.add_noise(x0, eps, tt)  # q(x_t | x_0)
+                store.pop()
+                model(x_t, tt, cond)
+                writer.write_step(batch_index=bi, step=k, num_steps=len(ts), t=tt.cpu(), seeds=idx,
+                                  records=store.pop(), extras={"x0": x0})
+    writer.close()
+    np.savez_compressed(out / MASKS_FILE, seeds=np.asarray(seeds), object_mask=scenes["object_mask"],
+                        texture_mask=scenes["texture_mask"], label=scenes["label"],
+                        image=scenes["image"],
+                        t=np.asarray([float(t) for t in ts]))
+    return out
+
+
+@torch.no_grad()
+def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None, batch_size: int = 256) -> np.ndarray:
+    """(n, 3, 32, 32) float images in [-1, 1] -> (n, 32, 32) bool object masks from the domain segmenter
+    (default: the shipped one)."""
+    if images.ndim != 4 or images.shape[1:] != (3, SIZE, SIZE):
+        raise SagConfigError(f"the object segmenter reads (n, 3, {SIZE}, {SIZE}) images; got {images.shape}")
+    if segmenter is None:
+        from sag.evaluators import load_evaluator
+
+        segmenter = load_evaluator("segmenter")
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return torch.cat([segmenter.predict_mask(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def write_sample_masks(path: str | Path, seeds: Sequence[int], images: np.ndarray) -> Path:
+    """Segment generated ``images`` and store ``seeds`` and ``object_mask`` in ``path`` (.npz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, seeds=np.asarray(seeds), object_mask=segment_images(images))
+    tmp.replace(path)
+    return path
