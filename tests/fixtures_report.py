@@ -170,3 +170,22 @@ def write_run(run_dir: Path, names=None) -> Path:
     for name in names or frames:
         write_table(frames[name], run_dir, name)
     return run_dir
+
+
+def write_capture(run_dir: Path, timeout: int = 300) -> Path:
+    """A tiny capture run (records + samples) via ``experiments.capture debug=tiny`` into ``run_dir``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "experiments.capture", "debug=tiny", f"hydra.run.dir={run_dir}"],
+                   cwd=root, check=True, capture_output=True, timeout=timeout)
+    return run_dir
+
+
+def write_fixture_report(root: Path, capture: bool = True) -> dict[str, Path]:
+    """run (all tables), sweep (3 settings) and, if ``capture``, a tiny capture run under ``root``."""
+    out = {"run": write_run(root / "run"), "sweep": write_sweep(root / "sweep")}
+    if capture:
+        out["capture"] = write_capture(root / "capture")
+    return out
