@@ -35,12 +35,13 @@ def pick_layer(layers) -> str:
     return (ups or names)[-1]
 
 
-def _source(df: pd.DataFrame, source: str | None) -> tuple[pd.DataFrame, str]:
-    """Rows of one source ("final" if present, else "x0" at its last step)."""
+def _source(df: pd.DataFrame, source: str | None, step: int | None = None) -> tuple[pd.DataFrame, str]:
+    """Rows of one source ("final" if present, else the first) at one sampler step (default: the last), so
+    masks of different steps are never averaged together."""
     src = source or ("final" if (df["source"] == "final").any() else str(df["source"].iloc[0]))
     df = df[df["source"] == src]
-    if src != "final" and df["step"].notna().any():
-        df = df[df["step"] == df["step"].max()]
+    if df["step"].notna().any():
+        df = df[df["step"] == (df["step"].max() if step is None else step)]
     return df, src
 
 
@@ -58,11 +59,12 @@ def series_label(region: str, psi: float) -> str:
 
 
 def data(frequency: pd.DataFrame, surface: pd.DataFrame | None = None, *, source: str | None = None,
-         layers: Mapping[int, str] | None = None, surface_patch: int | None = None) -> pd.DataFrame:
+         step: int | None = None, layers: Mapping[int, str] | None = None,
+         surface_patch: int | None = None) -> pd.DataFrame:
     """The plotted numbers: ``panel`` "curve" rows (patch, layer, series, freq, mean, ci_low, ci_high, n over
     seeds) and ``panel`` "surface" rows (patch, layer, psi, u, v, pct_diff)."""
     validate(frequency, "frequency")
-    df, _ = _source(frequency, source)
+    df, _ = _source(frequency, source, step)
     df = _per_patch_layer(df, layers)
     masked = df[df["region"] == "masked"]
     unmasked = df[(df["region"] == "unmasked") & np.isclose(df["psi"], MASK_PSI)]
@@ -82,7 +84,7 @@ def data(frequency: pd.DataFrame, surface: pd.DataFrame | None = None, *, source
     out = [curves]
     if surface is not None and not surface.empty:
         validate(surface, "frequency_surface")
-        s, _ = _source(surface, source)
+        s, _ = _source(surface, source, step)
         patch = surface_patch or int(s["patch"].max())
         s = _per_patch_layer(s[s["patch"] == patch], layers)
         s = s.groupby(["patch", "layer", "psi", "u", "v"], as_index=False)["pct_diff"].mean()
@@ -120,6 +122,7 @@ def plot(frequency: pd.DataFrame, surface: pd.DataFrame | None = None, **kw) -> 
                        linestyle="--" if s.region == "all" else "-")
         style.log_y(ax)
         style.integer_x(ax)
+        ax.set_xlim(0.5, float(g["freq"].max()) + 0.5 if len(g) else 1.5)
         n = int(g["n"].max()) if len(g) else 0
         ax.set_xlabel(f"radial frequency bin\n{style.short_layer(g['layer'].iloc[0], 30)}, n={n} seeds")
         ax.set_ylabel("mean |DFT| (log)" if j == 0 else "")
