@@ -8,6 +8,7 @@ about it. Guidance math happens in eps space; results are converted back to the 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -24,27 +25,39 @@ def check_scale(name: str, value: float) -> float:
 
 
 class Window:
-    """Active for sampler iterations with start <= i / n < stop (fractions of the trajectory)."""
+    """Active for sampler iterations with start <= i / n < stop (fractions of the trajectory).
 
-    def __init__(self, start: float = 0.0, stop: float = 1.0):
+    ``every = k`` (default 1) keeps only every k-th iteration of the window active, counted from the window's
+    first iteration (j = i - first, active when j % k == 0); the others cost what an inactive step costs.
+    """
+
+    def __init__(self, start: float = 0.0, stop: float = 1.0, every: int = 1):
         start, stop = check_scale("start", start), check_scale("stop", stop)
         if not 0.0 <= start <= stop <= 1.0:
             raise SagConfigError(f"window start={start}, stop={stop}; accepted: 0 <= start <= stop <= 1")
-        self.start, self.stop = start, stop
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise SagConfigError(f"every={every!r}; accepted: a positive integer (1 = every step of the window)")
+        self.start, self.stop, self.every = start, stop, int(every)
         self.active = True
 
-    def update(self, step: int, num_steps: int) -> None:
+    def contains(self, step: int, num_steps: int) -> bool:
         frac = step / max(num_steps, 1)
-        self.active = self.start <= frac < self.stop or (self.stop == 1.0 and frac >= 1.0)
+        return self.start <= frac < self.stop or (self.stop == 1.0 and frac >= 1.0)
+
+    def update(self, step: int, num_steps: int) -> None:
+        self.active = self.contains(step, num_steps)
+        if self.active and self.every > 1:
+            first = next(i for i in range(step + 1) if self.contains(i, num_steps))
+            self.active = (step - first) % self.every == 0
 
 
 class Guidance:
     """Base class: a model (for its schedule and prediction type), an inner model call, a window."""
 
-    def __init__(self, model: DiffusionModel, inner=None, start: float = 0.0, stop: float = 1.0):
+    def __init__(self, model: DiffusionModel, inner=None, start: float = 0.0, stop: float = 1.0, every: int = 1):
         self.model = model
         self.inner = inner if inner is not None else model
-        self.window = Window(start, stop)
+        self.window = Window(start, stop, every)
 
     def begin_step(self, step: int, num_steps: int) -> None:
         self.window.update(step, num_steps)

@@ -33,14 +33,15 @@ class SelfAttentionGuidance(Guidance):
 
     ``scale`` is the paper's s (0 = off; the official code's flag is 1 + s). ``layers`` are name patterns
     (see :mod:`sag.attention`); several layers give the union of their masks. ``cfg_scale`` is w of
-    classifier-free guidance (0 = no CFG), with its own ``cfg_start``/``cfg_stop`` window.
+    classifier-free guidance (0 = no CFG), with its own ``cfg_start``/``cfg_stop`` window. ``every = k`` guides
+    every k-th step of the SAG window only (the others: one plain or CFG call); CFG keeps its own window.
     """
 
     def __init__(self, model: DiffusionModel, scale: float = 0.75, layers="mid_block.*", psi: float = 1.0,
                  kernel_size: int = 9, blur_sigma: float = 1.0, mask: str = "attention", cfg_scale: float = 0.0,
                  start: float = 0.0, stop: float = 1.0, cfg_start: float = 0.0, cfg_stop: float = 1.0,
-                 inner=None):
-        super().__init__(model, inner, start, stop)
+                 inner=None, every: int = 1):
+        super().__init__(model, inner, start, stop, every)
         self.scale = check_scale("sag scale", scale)
         self.cfg_scale = check_scale("cfg scale", cfg_scale)
         self.psi = check_scale("psi", psi)
