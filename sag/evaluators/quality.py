@@ -166,9 +166,10 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
     idx = bootstrap_indices(n, max(draws, draws_fd), seed)
     rows = []
 
-    def add(metric, value, boots):
+    def add(metric, value, boots, low=0.0, high=math.inf):
         value, boots = float(value), np.asarray(boots, dtype=np.float64)
         lo, hi = bootstrap_ci(boots, value, alpha)
+        lo, hi = max(lo, low), min(hi, high)  # the shift must not leave the metric's range
         rows.append({"metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "n": n, "draws": len(boots),
                      "boot_bias": float(boots.mean() - value) if len(boots) else math.nan})
 
@@ -185,18 +186,18 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
 
     fake_in_real, real_in_fake = _pr_tables(real, fake, k, batch)
     sel = torch.as_tensor(idx[:draws])
-    add("precision", fake_in_real.double().mean(), fake_in_real[sel].double().mean(1).numpy())
+    add("precision", fake_in_real.double().mean(), fake_in_real[sel].double().mean(1).numpy(), high=1.0)
     # recall of resample b: a real point is covered if any drawn image's ball holds it (one matmul for all b)
     drawn = torch.zeros(len(sel), n, dtype=torch.float32).scatter_(1, sel, 1.0)
     recall = ((drawn @ real_in_fake.T.float()) > 0).double().mean(1).numpy()
-    add("recall", real_in_fake.any(1).double().mean(), recall)
+    add("recall", real_in_fake.any(1).double().mean(), recall, high=1.0)
     if fake_logits is not None:
         logits = _f64(fake_logits)
         probs = torch.softmax(logits, 1)
-        add("is_score", is_score(probs), [is_score(probs[s]) for s in sel])
+        add("is_score", is_score(probs), [is_score(probs[s]) for s in sel], 1.0, probs.shape[1])
         if labels is not None:
             correct = (logits.argmax(1) == torch.as_tensor(np.asarray(labels)).long()).double()
-            add("class_accuracy", correct.mean(), correct[sel].mean(1).numpy())
+            add("class_accuracy", correct.mean(), correct[sel].mean(1).numpy(), high=1.0)
     return rows
 
 
@@ -211,13 +212,10 @@ def extract(classifier: nn.Module, images: Tensor, batch: int = 256) -> tuple[Te
     return torch.cat(feats).cpu(), torch.cat(logits).cpu()
 
 
-def inception_metrics(weights: str | Path | None, real_images: Tensor, fake_images: Tensor) -> dict[str, float]:
-    """Standard Inception FID and IS (torchmetrics over torch-fidelity's Inception-v3) from a LOCAL weights file.
-
-    ``weights=None`` returns ``{}`` (skipped: nothing is downloaded). Images in [-1, 1], (n, 3, H, W).
-    """
+def check_inception_weights(weights: str | Path | None) -> Path | None:
+    """The local Inception weights file, or None to skip; a clear error for a missing file or package."""
     if weights is None:
-        return {}
+        return None
     path = Path(weights).expanduser()
     if not path.is_file():
         raise SagConfigError(f"inception_weights={weights}: no such file; accepted: a local Inception-v3 weights "
@@ -225,6 +223,17 @@ def inception_metrics(weights: str | Path | None, real_images: Tensor, fake_imag
     if importlib.util.find_spec("torch_fidelity") is None:
         raise SagConfigError("inception_weights needs the torch-fidelity package (pip install torch-fidelity); "
                              "set inception_weights=null to skip Inception FID/IS")
+    return path
+
+
+def inception_metrics(weights: str | Path | None, real_images: Tensor, fake_images: Tensor) -> dict[str, float]:
+    """Standard Inception FID and IS (torchmetrics over torch-fidelity's Inception-v3) from a LOCAL weights file.
+
+    ``weights=None`` returns ``{}`` (skipped: nothing is downloaded). Images in [-1, 1], (n, 3, H, W).
+    """
+    path = check_inception_weights(weights)
+    if path is None:
+        return {}
     from torchmetrics.image.fid import NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore
 
