@@ -166,10 +166,16 @@ def correlate(received: np.ndarray, targets: dict[str, np.ndarray], psis, *, dra
     n, h, w = received.shape
     t_count = h * w
     scores = received.reshape(n, t_count)
-    parts = []
     masks = {float(psi): attention_masks(received, psi).reshape(n, t_count) for psi in psis}
     perms = random_permutations(n, t_count, draws, seed)  # shared by targets and psi: paired draws
-    idx = np.arange(n)
+    names, measures, psi_col, values = [], [], [], []
+
+    def add(name: str, measure: str, psi: float, value: np.ndarray) -> None:
+        names.append(name)
+        measures.append(measure)
+        psi_col.append(psi)
+        values.append(value)
+
     for name, pix in targets.items():
         if pix.shape[0] != n:
             raise SagConfigError(f"target {name!r} has {pix.shape[0]} masks for {n} attention maps")
@@ -177,12 +183,16 @@ def correlate(received: np.ndarray, targets: dict[str, np.ndarray], psis, *, dra
         area = (pix.shape[1] // h) * (pix.shape[2] // w)
         overlap = random_overlap(counts, perms)
         for psi, m in masks.items():
-            vals = {"iou_attention": iou_from_counts(m, counts, area),
-                    "iou_random": random_iou(m.sum(-1), counts, area, overlap),
-                    "mask_area": m.mean(-1)}
-            for measure, v in vals.items():
-                parts.append(pd.DataFrame({"image": idx, "target": name, "measure": measure, "psi": psi, "value": v}))
+            add(name, "iou_attention", psi, iou_from_counts(m, counts, area))
+            add(name, "iou_random", psi, random_iou(m.sum(-1), counts, area, overlap))
+            add(name, "mask_area", psi, m.mean(-1))
         labels = token_labels(pix, (h, w), min_fraction)
-        for measure, v in (("auroc", auroc(scores, labels)), ("pointbiserial_r", pointbiserial(scores, labels))):
-            parts.append(pd.DataFrame({"image": idx, "target": name, "measure": measure, "psi": np.nan, "value": v}))
-    return pd.concat(parts, ignore_index=True)
+        add(name, "auroc", np.nan, auroc(scores, labels))
+        add(name, "pointbiserial_r", np.nan, pointbiserial(scores, labels))
+    k = len(values)
+    return pd.DataFrame({
+        "image": np.tile(np.arange(n), k),
+        "target": pd.Categorical(np.repeat(names, n)),
+        "measure": pd.Categorical(np.repeat(measures, n)),
+        "psi": np.repeat(np.asarray(psi_col, dtype=np.float64), n),
+        "value": np.concatenate(values).astype(np.float64)})

@@ -107,7 +107,8 @@ def analyse_frequency(magnitude: np.ndarray, received: np.ndarray, psis) -> tupl
         bins, prof = radial_profile(regions)  # (n, 3, R)
         img, reg, fr = np.meshgrid(np.arange(n), np.arange(3), np.arange(len(bins)), indexing="ij")
         profiles.append(pd.DataFrame({"image": img.ravel(), "psi": float(psi),
-                                      "region": np.asarray(REGIONS)[reg.ravel()], "freq": bins[fr.ravel()],
+                                      "region": pd.Categorical.from_codes(reg.ravel(), REGIONS),
+                                      "freq": bins[fr.ravel()],
                                       "magnitude": prof.ravel()}))
         surfaces.append(pd.DataFrame({"psi": float(psi), "u": uu.ravel(), "v": vv.ravel(),
                                       "pct_diff": percentage_surface(regions).ravel()}))

@@ -113,10 +113,16 @@ def _batch_p(d: np.ndarray, test: str, n_perm: int, seed: int) -> np.ndarray:
         p[:] = (1 + (null >= np.abs(d.mean(1)) - 1e-12).sum(0)) / (n_perm + 1)
         return p
     a = np.sort(np.abs(d), axis=1)
-    special = (a[:, 0] == 0) | (np.diff(a, axis=1) == 0).any(1)
-    if (~special).any():
-        p[~special] = wilcoxon(d[~special], axis=1, zero_method="wilcox").pvalue
-    for i in np.flatnonzero(special):
+    zero = (a == 0).all(1)
+    ties = ((np.diff(a, axis=1) == 0) & (a[:, 1:] > 0)).any(1) & ~zero  # among the non-zero |d|
+    zeros = (a[:, 0] == 0) & ~ties & ~zero
+    plain = ~(zero | ties | zeros)
+    p[zero] = 1.0
+    if plain.any():
+        p[plain] = wilcoxon(d[plain], axis=1, zero_method="wilcox").pvalue
+    if ties.any():  # scipy's "auto" method uses the normal approximation under ties: same result, batched
+        p[ties] = wilcoxon(d[ties], axis=1, zero_method="wilcox", method="asymptotic").pvalue
+    for i in np.flatnonzero(zeros):  # zeros dropped, exact test on the rest: n differs per row
         p[i] = paired_p(d[i], np.zeros(d.shape[1]), test, n_perm, seed)
     return p
 
@@ -125,32 +131,37 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, test: str = "wilcoxon", n_bo
                    n_perm: int = 10000) -> pd.DataFrame:
     """:func:`compare` for every row of paired arrays a, b (G, n), vectorised over the rows without missing
     values (bootstrap as one matrix product, tests in one scipy call); rows with NaN go one by one."""
-    complete = ~(np.isnan(a) | np.isnan(b)).any(1)
-    out = pd.DataFrame(index=range(len(a)), columns=[
-        "n", "mean_a", "mean_b", "effect", "ci_low", "ci_high", "rel_effect_pct", "rel_ci_low", "rel_ci_high", "p"],
-        dtype=np.float64)
-    if complete.any() and a.shape[1]:
-        ac, bc = a[complete], b[complete]
-        n = ac.shape[1]
-        w = resample_weights(n, n_boot, seed)
-        ma, mb = w @ ac.T, w @ bc.T  # (n_boot, G)
-        q = [2.5, 97.5]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rel = 100 * (ma - mb) / mb
-            rel_point = 100 * (ac.mean(1) - bc.mean(1)) / bc.mean(1)
-        rel = np.where(np.isfinite(rel), rel, np.nan)
-        lo, hi = np.percentile(ma - mb, q, axis=0)
-        with np.errstate(invalid="ignore"):
-            rlo, rhi = np.nanpercentile(rel, q, axis=0) if np.isfinite(rel).any() else (np.nan, np.nan)
-        out.loc[complete, :] = np.column_stack([
-            np.full(len(ac), n), ac.mean(1), bc.mean(1), ac.mean(1) - bc.mean(1), lo, hi, rel_point,
-            np.broadcast_to(rlo, lo.shape), np.broadcast_to(rhi, lo.shape), _batch_p(ac - bc, test, n_perm, seed)])
-    for i in np.flatnonzero(~complete):
-        r = compare(a[i], b[i], test=test, n_boot=n_boot, seed=seed)
-        out.loc[i, list(out.columns)] = [r[c] for c in out.columns]
-    out["n"] = out["n"].fillna(0).astype(int)
-    out["test"] = test
-    return out
+    cols = ["n", "mean_a", "mean_b", "effect", "ci_low", "ci_high", "rel_effect_pct", "rel_ci_low", "rel_ci_high", "p"]
+    out = np.full((len(a), len(cols)), np.nan)
+    valid = ~(np.isnan(a) | np.isnan(b))
+    if len(a) and a.shape[1]:
+        patterns, inverse = np.unique(valid, axis=0, return_inverse=True)
+        for k, pat in enumerate(patterns):  # rows sharing the same missing pairs are tested together
+            rows = np.flatnonzero(inverse.ravel() == k)
+            if pat.any():
+                out[rows] = _compare_complete(a[rows][:, pat], b[rows][:, pat], test, n_boot, seed, n_perm)
+    res = pd.DataFrame(out, columns=cols)
+    res["n"] = res["n"].fillna(0).astype(int)
+    res["test"] = test
+    return res
+
+
+def _compare_complete(a: np.ndarray, b: np.ndarray, test: str, n_boot: int, seed: int, n_perm: int) -> np.ndarray:
+    n = a.shape[1]
+    w = resample_weights(n, n_boot, seed)
+    ma, mb = w @ a.T, w @ b.T  # (n_boot, G)
+    q = [2.5, 97.5]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = 100 * (ma - mb) / mb
+        rel_point = 100 * (a.mean(1) - b.mean(1)) / b.mean(1)
+    rel = np.where(np.isfinite(rel), rel, np.nan)
+    lo, hi = np.percentile(ma - mb, q, axis=0)
+    rlo, rhi = np.full_like(lo, np.nan), np.full_like(lo, np.nan)
+    ok = np.isfinite(rel).any(0)
+    if ok.any():
+        rlo[ok], rhi[ok] = np.nanpercentile(rel[:, ok], q, axis=0)
+    return np.column_stack([np.full(len(a), n), a.mean(1), b.mean(1), a.mean(1) - b.mean(1), lo, hi, rel_point,
+                            rlo, rhi, _batch_p(a - b, test, n_perm, seed)])
 
 
 def compare_groups(df: pd.DataFrame, keys: list[str], pair: str, a, b=None, value: str = "value", *,

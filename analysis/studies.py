@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from safetensors import safe_open
 
 from analysis.correlation import check_psi, correlate, highfreq_masks, pool_received
 from analysis.frequency import analyse_frequency, patch_spectra
@@ -106,14 +107,89 @@ def layer_patches(grid: tuple[int, int], image_hw: tuple[int, int],
     return [(p, p // native) for p in patch_sizes if p % native == 0]
 
 
-def read_steps(reader: RecordReader, layer: str, reduction: str, steps: list[int], seeds: list[int]) -> np.ndarray:
-    """(S, n, ...) numpy array of one reduction over steps."""
-    return np.stack([reader.get(layer, reduction, s, seeds).float().numpy() for s in steps])
+class RecordArrays:
+    """Numpy arrays of a records dir by (layer, reduction, step), rows in ``seeds`` order. Each step's shards are
+    opened once and every wanted tensor of the step is read from them (``RecordReader.get`` filters the index
+    and reopens the shards per call, which costs more than the analysis itself)."""
+
+    def __init__(self, reader: RecordReader, seeds: list[int], reductions=("received", "row_entropy", "x0")):
+        self.reader, self.seeds = reader, list(seeds)
+        ix = reader.index
+        self.index = ix[(ix.call == 0) & (ix.branch == 0) & ix.reduction.isin(list(reductions))]
+        self.by_step = {int(s): g for s, g in self.index.groupby("step")}
+        self.cache: dict[int, dict[tuple[str, str], np.ndarray]] = {}
+
+    def _load(self, step: int) -> dict[tuple[str, str], np.ndarray]:
+        parts: dict[tuple[str, str], list] = {}
+        for shard, g in self.by_step[step].groupby("shard", sort=False):
+            path = self.reader.root / "shards" / shard
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for (key, layer, red), gk in g.groupby(["key", "layer", "reduction"], sort=False):
+                        arr = f.get_tensor(key).float().numpy()
+                        parts.setdefault((layer, red), []).append((gk["seed"].to_numpy(), arr[gk["row"].to_numpy()]))
+            except OSError as e:
+                raise SagConfigError(f"{path}: unreadable records shard ({e})") from None
+        out = {}
+        for k, chunks in parts.items():
+            seeds = np.concatenate([c[0] for c in chunks])
+            arr = np.concatenate([c[1] for c in chunks])
+            pos = {int(s): i for i, s in enumerate(seeds)}
+            lost = [s for s in self.seeds if s not in pos]
+            if lost:
+                raise SagConfigError(f"{self.reader.root}: no {k[1]!r} record of layer {k[0]!r} at step {step} for "
+                                     f"seeds {lost[:5]}")
+            out[k] = arr[[pos[s] for s in self.seeds]]
+        return out
+
+    def get(self, layer: str, reduction: str, step: int) -> np.ndarray:
+        if step not in self.cache:
+            if step not in self.by_step:
+                raise SagConfigError(f"{self.reader.root}: no records at step {step}; steps: {sorted(self.by_step)}")
+            self.cache[step] = self._load(step)
+        try:
+            return self.cache[step][(layer, reduction)]
+        except KeyError:
+            raise SagConfigError(f"{self.reader.root}: no {reduction!r} record of layer {layer!r} at step "
+                                 f"{step}") from None
+
+    def steps(self, layer: str, reduction: str, steps: list[int]) -> np.ndarray:
+        """(S, n, ...) over steps."""
+        return np.stack([self.get(layer, reduction, s) for s in steps])
+
+
+class Collector:
+    """Long-table parts plus per-part scalar columns, concatenated once (string columns become categoricals,
+    built once per column rather than once per part)."""
+
+    def __init__(self) -> None:
+        self.frames: list[pd.DataFrame] = []
+        self.scalars: list[dict] = []
+
+    def add(self, df: pd.DataFrame, **scalars) -> None:
+        self.frames.append(df)
+        self.scalars.append(scalars)
+
+    def frame(self) -> pd.DataFrame:
+        if not self.frames:
+            return pd.DataFrame()
+        out = pd.concat(self.frames, ignore_index=True)
+        lengths = [len(f) for f in self.frames]
+        for col in self.scalars[0]:
+            vals = [s[col] for s in self.scalars]
+            if all(isinstance(v, str) for v in vals):
+                cats = sorted(set(vals))
+                codes = np.repeat([cats.index(v) for v in vals], lengths)
+                out[col] = pd.Categorical.from_codes(codes, cats)
+            else:
+                out[col] = np.repeat(np.asarray(vals), lengths)
+        return out
 
 
 def step_times(reader: RecordReader, steps: list[int]) -> dict[int, float]:
-    ix = reader.index
-    return {s: float(ix.loc[ix.step == s, "t"].iloc[0]) for s in steps}
+    """Model timestep t of each sampler step (the same for every seed of a sampling run)."""
+    first = reader.index.groupby("step")["t"].first()
+    return {s: float(first[s]) for s in steps}
 
 
 def layer_grids(reader: RecordReader) -> dict[str, tuple[int, int]]:
@@ -121,29 +197,29 @@ def layer_grids(reader: RecordReader) -> dict[str, tuple[int, int]]:
     return {ly: (int(g.grid_h.iloc[0]), int(g.grid_w.iloc[0])) for ly, g in ix.groupby("layer")}
 
 
-def _with(df: pd.DataFrame, **cols) -> pd.DataFrame:
-    return df.assign(**cols)
-
-
-def study_timesteps(reader: RecordReader, psis: list[float], run: str, model: str) -> pd.DataFrame:
+def study_timesteps(records: RecordArrays, psis: list[float], run: str, model: str) -> pd.DataFrame:
     """Table attention_timesteps over every layer and recorded step."""
-    steps, seeds, ts = reader.steps, reader.seeds, step_times(reader, reader.steps)
+    reader, seeds = records.reader, records.seeds
+    steps = reader.steps
+    ts = step_times(reader, steps)
     have_entropy = set(reader.index.loc[reader.index.reduction == "row_entropy", "layer"])
-    parts = []
+    parts = Collector()
     for layer, (h, w) in layer_grids(reader).items():
-        rec = read_steps(reader, layer, "received", steps, seeds)
-        ent = read_steps(reader, layer, "row_entropy", steps, seeds) if layer in have_entropy else None
+        rec = records.steps(layer, "received", steps)
+        ent = records.steps(layer, "row_entropy", steps) if layer in have_entropy else None
         df = measure_timesteps(rec, ent, psis)
         step = np.asarray(steps)[df.step_index]
-        parts.append(df.assign(run=run, model=model, layer=layer, grid=f"{h}x{w}", step=step,
-                               t=[ts[s] for s in step], seed=np.asarray(seeds)[df.image]))
-    out = pd.concat(parts, ignore_index=True).drop(columns=["step_index", "image"])
+        parts.add(df.assign(step=step, t=np.asarray([ts[s] for s in steps])[df.step_index],
+                            seed=np.asarray(seeds)[df.image]), run=run, model=model, layer=layer, grid=f"{h}x{w}")
+    out = parts.frame().drop(columns=["step_index", "image"])
     return validate(out, "attention_timesteps")
 
 
-def study_frequency(reader: RecordReader, images: np.ndarray, seeds: list[int], settings: Settings, run: str,
+def study_frequency(records: RecordArrays, images: np.ndarray, settings: Settings, run: str,
                     model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Tables frequency and frequency_surface (Exp. B) on the final images and/or the x0 estimates."""
+    """Tables frequency and frequency_surface (Exp. B) on the final images and/or the x0 estimates (both in the
+    order of ``records.seeds``)."""
+    reader, seeds = records.reader, np.asarray(records.seeds)
     steps = settings.steps if settings.steps is not None else reader.steps
     ts = step_times(reader, steps)
     if "x0" in settings.sources and not (reader.index.reduction == "x0").any():
@@ -151,47 +227,46 @@ def study_frequency(reader: RecordReader, images: np.ndarray, seeds: list[int], 
                              "accepted: sources=[final]")
     grids = layer_grids(reader)
     final_spectra: dict[int, np.ndarray] = {}
-    prof_parts, surf_parts = [], []
+    prof_parts, surf_parts = Collector(), Collector()
     for step in steps:
-        x0 = reader.x0(step, seeds).float().numpy() if "x0" in settings.sources else None
+        x0 = records.get("", "x0", step) if "x0" in settings.sources else None
         x0_spectra: dict[int, np.ndarray] = {}
         for layer, grid in grids.items():
-            received = reader.maps(layer, step, seeds).float().numpy()
+            received = records.get(layer, "received", step)
             for patch, factor in layer_patches(grid, images.shape[-2:], settings.patch_sizes):
                 rec = pool_received(received, factor)
                 for source in settings.sources:
                     cache, arr = (final_spectra, images) if source == "final" else (x0_spectra, x0)
                     if patch not in cache:  # one stacked FFT per image set and patch size
                         cache[patch] = patch_spectra(arr, rec.shape[-2:])
-                    mag = cache[patch]
-                    prof, surf = analyse_frequency(mag, rec, settings.psis)
+                    prof, surf = analyse_frequency(cache[patch], rec, settings.psis)
                     keys = dict(run=run, model=model, layer=layer, patch=patch, source=source, step=step, t=ts[step])
-                    prof_parts.append(_with(prof, seed=np.asarray(seeds)[prof.image], **keys))
-                    surf_parts.append(_with(surf, **keys))
-    if not prof_parts:
+                    prof_parts.add(prof.assign(seed=seeds[prof.image]), **keys)
+                    surf_parts.add(surf, **keys)
+    if not prof_parts.frames:
         raise SagConfigError(f"no layer has a token grid matching patch_sizes={settings.patch_sizes}; layer grids: "
                              f"{ {k: f'{h}x{w}' for k, (h, w) in grids.items()} }")
-    freq = pd.concat(prof_parts, ignore_index=True).drop(columns="image")
-    return validate(freq, "frequency"), validate(pd.concat(surf_parts, ignore_index=True), "frequency_surface")
+    freq = prof_parts.frame().drop(columns="image")
+    return validate(freq, "frequency"), validate(surf_parts.frame(), "frequency_surface")
 
 
-def study_correlation(reader: RecordReader, targets: dict[str, np.ndarray], seeds: list[int], mode: str,
-                      settings: Settings, run: str, model: str, image_hw: tuple[int, int],
-                      steps: list[int] | None = None) -> pd.DataFrame:
+def study_correlation(records: RecordArrays, targets: dict[str, np.ndarray], mode: str, settings: Settings,
+                      run: str, model: str, image_hw: tuple[int, int], steps: list[int] | None = None) -> pd.DataFrame:
     """Table object_correlation (Exp. C) for one mode: every layer, patch size and step against ``targets``
-    (name -> (n, H, W) bool pixel masks aligned with ``seeds``)."""
+    (name -> (n, H, W) bool pixel masks in the order of ``records.seeds``)."""
+    reader, seeds = records.reader, np.asarray(records.seeds)
     steps = steps if steps is not None else reader.steps
     ts = step_times(reader, steps)
-    parts = []
+    parts = Collector()
     for step in steps:
         for layer, grid in layer_grids(reader).items():
-            received = reader.maps(layer, step, seeds).float().numpy()
+            received = records.get(layer, "received", step)
             for patch, factor in layer_patches(grid, image_hw, settings.patch_sizes):
                 df = correlate(pool_received(received, factor), targets, settings.psis, draws=settings.random_draws,
                                seed=settings.seed, min_fraction=settings.min_fraction)
-                parts.append(df.assign(run=run, model=model, layer=layer, patch=patch, mode=mode, step=step,
-                                       t=ts[step], seed=np.asarray(seeds)[df.image]))
-    out = pd.concat(parts, ignore_index=True).drop(columns="image")
+                parts.add(df.assign(seed=seeds[df.image]), run=run, model=model, layer=layer, patch=patch, mode=mode,
+                          step=step, t=ts[step])
+    out = parts.frame().drop(columns="image")
     return validate(out, "object_correlation")
 
 

@@ -40,11 +40,12 @@ def measure_timesteps(received: np.ndarray, entropy: np.ndarray | None, psis) ->
     s_count, n, h, w = received.shape
     step_ix, image_ix = np.meshgrid(np.arange(s_count), np.arange(n), indexing="ij")
     flat = received.reshape(s_count, n, h * w)
-    parts = []
+    metrics, psi_col, values = [], [], []
 
     def add(metric: str, psi: float, value: np.ndarray) -> None:
-        parts.append(pd.DataFrame({"step_index": step_ix.ravel(), "image": image_ix.ravel(), "metric": metric,
-                                   "psi": psi, "value": np.asarray(value, dtype=np.float64).ravel()}))
+        metrics.append(metric)
+        psi_col.append(psi)
+        values.append(np.asarray(value, dtype=np.float64).ravel())
 
     if entropy is not None:
         ent = entropy.reshape(s_count, n, -1).mean(-1)
@@ -56,4 +57,8 @@ def measure_timesteps(received: np.ndarray, entropy: np.ndarray | None, psis) ->
         last = np.broadcast_to(masks[-1], masks.shape)
         add("mask_iou_last", float(psi), mask_iou(masks.reshape(s_count * n, -1), last.reshape(s_count * n, -1)))
     add("gini", np.nan, gini(flat))
-    return pd.concat(parts, ignore_index=True)
+    k, size = len(values), s_count * n
+    return pd.DataFrame({"step_index": np.tile(step_ix.ravel(), k), "image": np.tile(image_ix.ravel(), k),
+                         "metric": pd.Categorical(np.repeat(metrics, size)),
+                         "psi": np.repeat(np.asarray(psi_col, dtype=np.float64), size),
+                         "value": np.concatenate(values)})

@@ -25,6 +25,7 @@ from analysis.correlation import highfreq_masks
 from analysis.stats import stats_table
 from analysis.studies import (
     MODES,
+    RecordArrays,
     Settings,
     load_images,
     open_records,
@@ -102,6 +103,7 @@ def analyse(cfg: DictConfig, run_dir: Path, settings: Settings, studies: list[st
     spent analysing the captured samples (records + images -> tables + their share of stats), excluding the
     model passes (segmenter, scenes probe) and the scenes-mode analysis, which are timed apart."""
     reader = open_records(run_dir / "records")
+    records = RecordArrays(reader, reader.seeds)
     run, model, _ = run_meta(run_dir)
     tables: dict[str, pd.DataFrame] = {}
     times = {"n_seeds": len(reader.seeds), "n_steps": len(reader.steps)}
@@ -114,19 +116,19 @@ def analyse(cfg: DictConfig, run_dir: Path, settings: Settings, studies: list[st
         clock = now
 
     if "timesteps" in studies:
-        tables["attention_timesteps"] = study_timesteps(reader, settings.psis, run, model)
+        tables["attention_timesteps"] = study_timesteps(records, settings.psis, run, model)
     seeds, images = load_images(run_dir, reader.seeds)
     lap("timesteps")
     freq, parts = None, []
     if "frequency" in studies:
-        freq, surface = study_frequency(reader, images, seeds, settings, run, model)
+        freq, surface = study_frequency(records, images, settings, run, model)
         tables["frequency"], tables["frequency_surface"] = freq, surface
         lap("frequency")
     if "correlation" in studies and "samples" in modes:
         path = write_sample_masks(run_dir / "studies" / "sample_masks.npz", seeds, images)
         lap("segmenter")
         targets = {"object": np.load(path)["object_mask"], "highfreq": highfreq_masks(images)}
-        parts.append(study_correlation(reader, targets, seeds, "samples", settings, run, model, images.shape[-2:],
+        parts.append(study_correlation(records, targets, "samples", settings, run, model, images.shape[-2:],
                                        settings.steps))
         lap("correlation_samples")
     kw = dict(test=settings.test, n_boot=settings.n_boot, seed=settings.seed)
@@ -141,8 +143,8 @@ def analyse(cfg: DictConfig, run_dir: Path, settings: Settings, studies: list[st
                      count=sc.count, batch_size=sc.batch_size, noise_seed=sc.noise_seed)
         lap("scenes_probe")
         masks = dict(np.load(out / MASKS_FILE))
-        parts.append(study_correlation(open_records(out / "records"), scene_targets(masks),
-                                       [int(s) for s in masks["seeds"]], "scenes", settings, run, model,
+        scene_records = RecordArrays(open_records(out / "records"), [int(s) for s in masks["seeds"]])
+        parts.append(study_correlation(scene_records, scene_targets(masks), "scenes", settings, run, model,
                                        masks["object_mask"].shape[-2:]))
         lap("correlation_scenes")
     if parts:

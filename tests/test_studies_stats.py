@@ -137,3 +137,15 @@ def test_verdict_rule():
     assert verdict(-0.1, 0.5, 0.3, 20, 0.05, 10) == "not confirmed"
     assert verdict(-0.1, 0.5, 0.3, 5, 0.05, 10) == "inconclusive"
     assert verdict(np.nan, np.nan, np.nan, 0, 0.05, 10) == "inconclusive"
+
+
+def test_batched_wilcoxon_matches_scipy_with_zeros_and_ties():
+    rng = np.random.default_rng(4)
+    d = np.round(rng.normal(size=(40, 14)), 1)  # ties
+    d[:10, :3] = 0.0  # zeros
+    d[10] = 0.0
+    d[11:20] = rng.normal(size=(9, 14))  # no ties
+    d[11, :2] = 0.0  # zeros without ties: exact on the rest
+    res = compare_arrays(d, np.zeros_like(d), n_boot=50)
+    want = [1.0 if not d[i].any() else wilcoxon(d[i], zero_method="wilcox").pvalue for i in range(40)]
+    np.testing.assert_allclose(res.p, want, rtol=1e-10)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analysis.schemas import TABLES
-from analysis.studies import Settings, open_records, study_frequency, study_timesteps
+from analysis.studies import RecordArrays, Settings, open_records, study_frequency, study_timesteps
 from analysis.tables import check_rows
 from analysis.timesteps import gini, measure_timesteps
 from sag.capture import AttentionRecord
@@ -54,7 +54,7 @@ def test_measure_timesteps_known_answers():
 
 def test_study_timesteps_table_from_records(tmp_path):
     reader = open_records(write_records(tmp_path / "records"))
-    df = study_timesteps(reader, [1.0, 1.3], "run", "model")
+    df = study_timesteps(RecordArrays(reader, reader.seeds), [1.0, 1.3], "run", "model")
     assert set(TABLES["attention_timesteps"]) <= set(df.columns)
     check_rows(df, df, "attention_timesteps", expected=3 * 3 * 7)  # steps x seeds x metrics
     assert df.grid.unique().tolist() == ["4x4"] and sorted(df.t.unique()) == [300.0, 600.0, 900.0]
@@ -63,7 +63,7 @@ def test_study_timesteps_table_from_records(tmp_path):
 def test_study_frequency_on_final_and_x0(tmp_path):
     reader = open_records(write_records(tmp_path / "records"))
     images = np.random.default_rng(1).normal(size=(3, 3, 16, 16)).astype(np.float32)
-    freq, surf = study_frequency(reader, images, [0, 1, 2], Settings(patch_sizes=[4, 8]), "run", "model")
+    freq, surf = study_frequency(RecordArrays(reader, [0, 1, 2]), images, Settings(patch_sizes=[4, 8]), "run", "model")
     assert set(TABLES["frequency"]) <= set(freq.columns) and set(TABLES["frequency_surface"]) <= set(surf.columns)
     # 3 steps x 2 sources x 2 psi x 3 seeds x 3 regions x bins (patch 4: 2 bins, patch 8: 5 bins)
     check_rows(freq, freq, "frequency", expected=3 * 2 * 2 * 3 * 3 * (2 + 5))
@@ -73,12 +73,14 @@ def test_study_frequency_on_final_and_x0(tmp_path):
 def test_bad_inputs(tmp_path):
     with pytest.raises(SagConfigError, match="no attention records"):
         open_records(tmp_path / "nothing")
-    reader = open_records(write_records(tmp_path / "records", x0=False))
+    records = RecordArrays(open_records(write_records(tmp_path / "records", x0=False)), [0, 1, 2])
     images = np.zeros((3, 3, 16, 16), np.float32)
     with pytest.raises(SagConfigError, match="no x0"):
-        study_frequency(reader, images, [0, 1, 2], Settings(), "run", "model")
+        study_frequency(records, images, Settings(), "run", "model")
     with pytest.raises(SagConfigError, match="does not divide"):
-        study_frequency(reader, images, [0, 1, 2], Settings(patch_sizes=[3], sources=["final"]), "r", "m")
+        study_frequency(records, images, Settings(patch_sizes=[3], sources=["final"]), "r", "m")
+    with pytest.raises(SagConfigError, match="seeds"):
+        RecordArrays(records.reader, [0, 7]).get("mid.attn", "received", 0)
     with pytest.raises(SagConfigError, match="psi"):
         Settings(psis=[1.0, -0.5])
     with pytest.raises(SagConfigError, match="sources"):
