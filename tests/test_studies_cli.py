@@ -1,0 +1,60 @@
+"""experiments.studies end to end (slow) and its one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from analysis.schemas import TABLES
+from analysis.tables import read_table
+
+
+def studies(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "experiments.studies", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    res = studies("debug=tiny", f"run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'out'}")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().startswith("error:") and "no attention records" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = studies("debug=tiny", f"run_dir={tmp_path / 'run'}", "analysis.psis=[1.0,0]",
+                  f"paths.output_dir={tmp_path / 'out'}")
+    assert res.returncode == 2 and "psi=0.0" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_studies_end_to_end_both_modes(tmp_path):
+    out = tmp_path / "run"
+    res = studies("debug=tiny", "seeds=0-3", "steps=2", "batch_size=4", "scenes.count=8", "scenes.t=[200,600]",
+                  "analysis.patch_sizes=[2,4,8]", "analysis.random_draws=20", "analysis.n_boot=200",
+                  f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "capture of 4 samples x 2 steps" in res.stdout and "analysis of those samples" in res.stdout
+    for name in ("attention_timesteps", "frequency", "frequency_surface", "object_correlation", "stats", "claims"):
+        df = read_table(out, name, TABLES[name])
+        assert len(df) and f"{name}: {out / 'tables' / name}.parquet" in res.stdout
+    corr = read_table(out, "object_correlation")
+    assert set(corr["mode"]) == {"scenes", "samples"}
+    assert set(corr.loc[corr["mode"] == "scenes", "t"]) == {200.0, 600.0}
+    assert set(corr["target"]) >= {"object", "texture", "highfreq"}
+    # no silently dropped rows: every (mode, step, layer, patch, target) has each measure for every image
+    counts = corr.groupby(["mode", "step", "layer", "patch", "target", "measure", "psi"], dropna=False,
+                          observed=True).size()
+    assert set(counts[counts.index.get_level_values("mode") == "samples"]) == {4}
+    assert set(counts[counts.index.get_level_values("mode") == "scenes"]) == {8}
+    freq = read_table(out, "frequency")
+    assert set(freq["source"]) == {"final", "x0"} and set(freq["patch"]) == {2, 4, 8}
+    stats = read_table(out, "stats")
+    assert (stats["p_holm"].dropna() >= stats["p"].dropna().loc[stats["p_holm"].notna()]).all()
+    claims = read_table(out, "claims")
+    assert set(claims["verdict"]) <= {"confirmed", "not confirmed", "inconclusive"}
+    assert np.isin(["B1", "B2", "B3", "C1", "C2", "C3"], claims["claim_id"]).all()
+    # a second call on the run dir re-analyses without capturing
+    again = studies("debug=tiny", f"run_dir={out}", "correlation_modes=[samples]", "analysis.sources=[final]",
+                    "analysis.random_draws=20", "analysis.n_boot=200", f"paths.output_dir={tmp_path / 'o2'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "capturing" not in again.stdout
