@@ -34,7 +34,7 @@ HELD_OUT_SEED = 3
 
 @torch.no_grad()
 def features(clf, images: torch.Tensor, batch: int = 250) -> np.ndarray:
-    return torch.cat([clf.features(images[i : i + batch]) for i in range(0, len(images), batch)]).numpy()
+    return torch.cat([clf.features(images[i : i + batch]) for i in range(0, len(images), batch)]).cpu().numpy()
 
 
 def main() -> None:
@@ -45,21 +45,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=125)
     ap.add_argument("--out", default="outputs/model_card/metrics.json")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; the seeds' noise is drawn on the CPU either way")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    device = torch.device(args.device)
     model = load_model("diffusers_dir", path=args.model_dir) if args.model_dir else load_model("embedded")
-    clf = load_evaluator("classifier", Path(args.evaluators) / "classifier" if args.evaluators else None)
+    model = model.to(device)
+    clf = load_evaluator("classifier", Path(args.evaluators) / "classifier" if args.evaluators else None, device)
     seeds = list(range(args.n))
     labels = torch.tensor([s % model.num_classes for s in seeds])
     t0 = time.time()
     x = sample(model, make_scheduler(model, "ddim"), steps=args.steps, seeds=seeds, cond=labels,
                batch_size=args.batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     sample_s = time.time() - t0
-    images = model.to_images(x)
+    images = model.to_images(x.to(device))
     with torch.no_grad():
-        logits = torch.cat([clf(images[i : i + 250]) for i in range(0, len(images), 250)])
+        logits = torch.cat([clf(images[i : i + 250]) for i in range(0, len(images), 250)]).cpu()
     acc = accuracy(logits, labels)
-    held = torch.from_numpy(make_scenes(HELD_OUT_SEED, 0, 2 * args.n)["image"])
+    held = torch.from_numpy(make_scenes(HELD_OUT_SEED, 0, 2 * args.n)["image"]).to(device)
     f_gen, f_a, f_b = features(clf, images), features(clf, held[: args.n]), features(clf, held[args.n :])
     metrics = {
         "n": args.n, "steps": args.steps, "scheduler": "ddim", "guidance": "none",
@@ -68,14 +73,16 @@ def main() -> None:
                                for c in range(model.num_classes)},
         "fd_samples_vs_heldout": frechet_distance(f_gen, f_a),
         "fd_floor_heldout_vs_heldout": frechet_distance(f_a, f_b),
-        "sampling_wall_s": round(sample_s, 1), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "sampling_wall_s": round(sample_s, 1),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{platform.machine()} {torch.get_num_threads()} threads",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     # grid: one row per class, 8 samples each
     rows = [images[labels == c][:8] for c in range(model.num_classes)]
-    grid = to_uint8(torch.cat(rows)).repeat(2, axis=1).repeat(2, axis=2)
+    grid = to_uint8(torch.cat(rows).cpu()).repeat(2, axis=1).repeat(2, axis=2)
     save_grid(grid, out.with_name("samples.png"), ncol=8)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out} and {out.with_name('samples.png')}")

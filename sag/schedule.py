@@ -41,7 +41,7 @@ class VPSchedule:
 
     def alpha_bar(self, t: Tensor | float) -> Tensor:
         """alpha_bar(t) = 1 / (1 + sigma(t)^2); exact at integer t."""
-        t64 = torch.as_tensor(t, dtype=torch.float64)
+        t64 = torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float64)  # the table lives on the CPU
         integral = t64 == t64.round()
         exact = self.alphas_cumprod[t64.round().long().clamp(0, self.num_train_timesteps - 1)]
         return torch.where(integral, exact, torch.sigmoid(-2 * self.log_sigma(t64)))

@@ -37,7 +37,7 @@ from sag.errors import SagConfigError
 LOG_COLUMNS = ("step", "loss", "ema_loss", "lr", "wall_s")
 LOSS_SMOOTHING = 0.98  # ema_loss = 0.98 ema_loss + 0.02 loss (display only)
 # Fields that must match between a checkpoint and the config that resumes it.
-RESUME_KEYS = ("unet", "schedule", "seed", "data_seed", "data", "train.batch_size", "train.label_dropout")
+RESUME_KEYS = ("unet", "schedule", "seed", "data_seed", "data.pool_size", "train.batch_size", "train.label_dropout")
 
 
 def build_unet(unet_cfg: Mapping[str, Any]) -> UNet2DModel:
@@ -57,14 +57,52 @@ def _seed_from(*words: int) -> int:
 def batch_for_step(data_seed: int, step: int, batch_size: int, pool: dict | None = None):
     """(images (B,3,32,32), labels (B,)) of step ``step``: a pure function of (data_seed, step).
 
-    Without a pool every step sees fresh scenes ``step*B .. step*B+B-1``; with a pool, B indices drawn
-    from ``default_rng([data_seed, step])``.
+    Without a pool every step sees fresh scenes ``step*B .. step*B+B-1``; with a pool (tensors, possibly
+    on the training device), B indices drawn from ``default_rng([data_seed, step, 1])``.
     """
     if pool is None:
         d = make_scenes(data_seed, step * batch_size, batch_size)
         return torch.from_numpy(d["image"]), torch.from_numpy(d["label"])
     idx = np.random.default_rng([data_seed, step, 1]).integers(0, len(pool["label"]), batch_size)
-    return torch.from_numpy(pool["image"][idx]), torch.from_numpy(pool["label"][idx])
+    idx = torch.from_numpy(idx).to(pool["label"].device)
+    return pool["image"][idx], pool["label"][idx]
+
+
+def _scene_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    d = make_scenes(*args)
+    return d["image"], d["label"]
+
+
+def make_pool(data_seed: int, size: int, workers: int = 1, device: str | torch.device = "cpu") -> dict:
+    """Scenes ``0..size-1`` of ``data_seed`` as tensors on ``device``. Scenes are a pure function of
+    (seed, index), so generating them in ``workers`` processes gives the same pool as one process."""
+    chunk = max(1, -(-size // max(1, workers)))
+    jobs = [(data_seed, s, min(chunk, size - s)) for s in range(0, size, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as ex:
+            parts = list(ex.map(_scene_chunk, jobs))
+    else:
+        parts = [_scene_chunk(j) for j in jobs]
+    image = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    label = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return {"image": image.to(device), "label": label.to(device)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SagConfigError(f"device={name!r}; accepted: cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SagConfigError(f"device={name!r} but no CUDA device is visible; accepted here: cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise SagConfigError(f"device={name!r}; accepted: cpu, cuda, cuda:N or auto")
+    return device
 
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
@@ -103,25 +141,44 @@ class Trainer:
         if not 0 <= float(t.label_dropout) < 1:
             raise SagConfigError(f"train.label_dropout={t.label_dropout!r}; accepted: a number in [0, 1)")
         self.null_class = len(SHAPES)
+        self.device = resolve_device(str(cfg.get("device", "cpu")))
+        precision = str(cfg.get("precision", "fp32"))
+        if precision not in ("fp32", "bf16"):
+            raise SagConfigError(f"precision={precision!r}; accepted: fp32 or bf16 (autocast; weights stay fp32)")
+        self.autocast = precision == "bf16"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        # the pool first: its worker processes fork before any CUDA context exists
+        pool_size = int(cfg.data.pool_size or 0)
+        workers = int(cfg.data.get("workers", 1) or 1)
+        self.pool = make_pool(int(cfg.data_seed), pool_size, workers, self.device) if pool_size > 0 else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.seed))
             try:
                 self.model = build_unet(OmegaConf.to_container(cfg.unet, resolve=True))
             except (ValueError, TypeError) as e:
                 raise SagConfigError(f"unet config cannot build a UNet2DModel: {e}") from None
+        init_from = cfg.get("init_from")
+        if init_from:  # warm start: model and EMA begin at an earlier export's weights; the optimizer is fresh
+            try:
+                state = UNet2DModel.from_pretrained(Path(str(init_from)) / "unet").state_dict()
+                self.model.load_state_dict(state)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise SagConfigError(f"init_from={init_from}: cannot start from its unet/ "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0]}); accepted: an export/ dir "
+                                     "of a run with the same unet config") from None
+        self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
         self.scheduler_config = dict(schedule, prediction_type="epsilon")
         ac = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.to(torch.float32)
-        self.sqrt_ab, self.sqrt_1m_ab = ac.sqrt(), (1 - ac).sqrt()
+        self.sqrt_ab, self.sqrt_1m_ab = ac.sqrt().to(self.device), (1 - ac).sqrt().to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=float(t.lr), betas=tuple(t.betas),
                                      weight_decay=float(t.weight_decay))
         self.step = 0
         self.wall_s = 0.0
         self.ema_loss: float | None = None
         self.log: list[list[float]] = []
-        pool_size = int(cfg.data.pool_size or 0)
-        self.pool = make_scenes(int(cfg.data_seed), 0, pool_size) if pool_size > 0 else None
 
     # --- paths ------------------------------------------------------------------------------------------
     @property
@@ -136,10 +193,13 @@ class Trainer:
         t_cfg = self.cfg.train
         k, b = self.step, int(t_cfg.batch_size)
         x0, labels = batch_for_step(int(self.cfg.data_seed), k, b, self.pool)
-        g = torch.Generator().manual_seed(_seed_from(int(self.cfg.seed), k))
-        t = torch.randint(0, len(self.sqrt_ab), (b,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        drop = torch.rand(b, generator=g) < float(t_cfg.label_dropout)
+        dev = self.device
+        x0, labels = x0.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        # draws on the training device: bit-identical reruns on one device, not across devices
+        g = torch.Generator(device=dev).manual_seed(_seed_from(int(self.cfg.seed), k))
+        t = torch.randint(0, len(self.sqrt_ab), (b,), generator=g, device=dev)
+        eps = torch.randn(x0.shape, generator=g, device=dev)
+        drop = torch.rand(b, generator=g, device=dev) < float(t_cfg.label_dropout)
         labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         x_t = self.sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_ab[t].view(-1, 1, 1, 1) * eps
 
@@ -147,7 +207,9 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = F.mse_loss(self.model(x_t, t, class_labels=labels).sample, eps)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+            pred = self.model(x_t, t, class_labels=labels).sample
+        loss = F.mse_loss(pred.float(), eps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if t_cfg.grad_clip:
@@ -189,7 +251,7 @@ class Trainer:
         """Resume from ``checkpoints/last.pt`` if present; False if there is none."""
         if not self.ckpt_path.is_file():
             return False
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         mine = json.dumps(self._signature(), sort_keys=True)
         if state["signature"] != mine:
             raise SagConfigError(f"{self.ckpt_path} was trained with {state['signature']}, the config says "
@@ -197,7 +259,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         self.step, self.wall_s, self.ema_loss = int(state["step"]), float(state["wall_s"]), state["ema_loss"]
         self.log = state["log"].tolist()
         return True
@@ -216,7 +278,7 @@ class Trainer:
         """EMA weights as a local diffusers directory ``export/`` (unet/, scheduler/, model_index.json)."""
         final, tmp, old = (self.out_dir / n for n in ("export", "export.tmp", "export.old"))
         shutil.rmtree(tmp, ignore_errors=True)
-        self.ema.save_pretrained(tmp / "unet", safe_serialization=True)
+        copy.deepcopy(self.ema).to("cpu").save_pretrained(tmp / "unet", safe_serialization=True)
         DDPMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
         import diffusers
 
@@ -224,7 +286,8 @@ class Trainer:
                  "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         meta = {"classes": list(SHAPES), "null_class": self.null_class, "step": self.step,
-                "weights": "ema", "ema_decay": float(self.cfg.train.ema_decay)}
+                "weights": "ema", "ema_decay": float(self.cfg.train.ema_decay),
+                "init_from": self.cfg.get("init_from")}
         (tmp / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -273,6 +336,9 @@ def train(cfg: DictConfig, out_dir: str | Path, progress: bool | None = None) ->
             bar.set_postfix(loss=f"{trainer.ema_loss:.4f}", refresh=False)
             if trainer.step % int(t_cfg.ckpt_every) == 0:
                 trainer.save_checkpoint()
+                if not show:  # a line per checkpoint where there is no progress bar (logs, batch jobs)
+                    print(f"step {trainer.step}/{max_steps} loss {trainer.ema_loss:.4f} "
+                          f"{trainer.wall_s / max(1, trainer.step - start_step):.4f} s/step", flush=True)
     except KeyboardInterrupt:
         reason = "interrupted"
     finally:

@@ -98,3 +98,39 @@ def test_entry_point(tmp_path):
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: train.max_steps=0; accepted: a positive integer"]
+
+
+def test_pool_is_the_same_whatever_the_number_of_workers():
+    from sag.training import batch_for_step, make_pool
+
+    one, two = make_pool(5, 24, workers=1), make_pool(5, 24, workers=3)
+    assert torch.equal(one["image"], two["image"]) and torch.equal(one["label"], two["label"])
+    a, la = batch_for_step(5, 7, 8, one)
+    b, lb = batch_for_step(5, 7, 8, two)
+    assert torch.equal(a, b) and torch.equal(la, lb) and a.shape == (8, 3, 32, 32)
+
+
+def test_device_precision_and_init_from_errors(tmp_path):
+    from sag.training import Trainer
+
+    for bad, words in [(["device=tpu"], "device="), (["precision=fp8"], "precision=")]:
+        with pytest.raises(SagConfigError, match=words):
+            Trainer(tiny_cfg(*bad), tmp_path / "x")
+    if not torch.cuda.is_available():
+        with pytest.raises(SagConfigError, match="no CUDA device"):
+            Trainer(tiny_cfg("device=cuda"), tmp_path / "x")
+    with pytest.raises(SagConfigError, match="init_from="):
+        Trainer(tiny_cfg(f"init_from={tmp_path / 'missing'}"), tmp_path / "x")
+
+
+def test_init_from_starts_model_and_ema_at_the_exported_weights(tmp_path):
+    first = train(tiny_cfg(), tmp_path / "a", progress=False)
+    from sag.training import Trainer
+
+    warm = Trainer(tiny_cfg(f"init_from={first['export']}"), tmp_path / "b")
+    exported = load_model("diffusers_dir", path=first["export"]).net.state_dict()
+    for name, value in warm.model.state_dict().items():
+        assert torch.allclose(value, exported[name], atol=1e-6), name
+        assert torch.allclose(warm.ema.state_dict()[name], exported[name], atol=1e-6), name
+    cold = Trainer(tiny_cfg(), tmp_path / "c")
+    assert any(not torch.equal(v, warm.model.state_dict()[k]) for k, v in cold.model.state_dict().items())
