@@ -1,0 +1,227 @@
+"""Cost of guidance and of attention capture, measured in one run, written to ``tables/bench.parquet``.
+
+    python -m benchmarks.cost --preset tiny_pixel_cond --device cpu --out outputs/bench
+    python -m benchmarks.cost --preset sd15 --device cuda --dtype float16 --out $OUT   # random weights
+
+Presets (random weights unless named): ``tiny_pixel_cond`` (0.28M), ``embedded`` (the shipped weights),
+``adm128`` (guided-diffusion ImageNet-128 conditional architecture, 421.5M, 128x128 pixels, SAG layer
+output_blocks[8] as the official README), ``sd15`` (diffusers' default UNet2DConditionModel = SD-1.5,
+860M, 4x64x64 latents, text embeddings 77x768, SAG on the mid-block attn1 as diffusers' pipeline).
+
+Two benchmarks, each A/B interleaved over ``--repeats`` rounds on the same seeds (medians):
+- ``guidance``: none / sag / blur (/ cfg / sag_cfg where the model has a null condition): model calls per
+  image (counted), wall time per image, peak accelerator memory, ratios to unguided and to CFG. The ideal
+  is one extra model call per guided step: SAG / none = 2.0x, SAG+CFG / CFG = 1.5x (targets 2.05x, 1.55x).
+- ``capture``: every self-attention layer, head-mean and received-mass maps, every step, against no
+  capture (target 1.15x); ``--latent`` sets the sd15 latent size, so 64 gives a 64x64 token grid at the
+  first level and 32 a 32x32 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis.schemas import validate
+from analysis.tables import write_table
+from sag.capture import capture_attention
+from sag.guidance import build_guidance
+from sag.models import DiffusionModel, load_model
+from sag.sampling import sample
+from sag.schedulers import make_scheduler
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# SAG layer and blur settings per preset (conf/model_guidance/*.yaml hold the same for real checkpoints).
+SAG_KW = {
+    "tiny_pixel_cond": {},
+    "embedded": {},
+    "adm128": {"layers": "up_blocks.2.attentions.2", "kernel_size": 31, "blur_sigma": 3.0, "sag_scale": 0.1},
+    "sd15": {"layers": "mid_block.attentions.0.transformer_blocks.0.attn1", "kernel_size": 9, "blur_sigma": 1.0,
+             "sag_scale": 0.75, "cfg_scale": 6.5},
+}
+
+
+def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: int) -> DiffusionModel:
+    """A model of the preset's architecture on ``device`` (random weights for adm128 / sd15)."""
+    if name in ("tiny_pixel_cond", "embedded"):
+        return load_model(name).to(device=device, dtype=dtype)
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    if name == "adm128":
+        from sag.models.adm import adm_flags, adm_scheduler_config, build_adm_unet
+
+        flags = adm_flags("imagenet128_cond")
+        with torch.device(device):
+            net = build_adm_unet(flags)
+        sched = adm_scheduler_config(flags)
+        ac = DDPMScheduler.from_config(sched).alphas_cumprod
+        model = DiffusionModel("adm128", net, ac, learned_variance=True, conditioning="class", num_classes=1000,
+                               sample_size=(128, 128), scheduler_config=sched)
+    elif name == "sd15":
+        from diffusers import UNet2DConditionModel
+
+        with torch.device(device):
+            net = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)  # else defaults = SD-1.5
+        sched = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+        ac = DDPMScheduler.from_config(sched).alphas_cumprod
+        model = DiffusionModel("sd15", net, ac, conditioning="text", null_text=torch.zeros(1, 77, 768),
+                               sample_size=(latent, latent), in_channels=4, clip_denoised=False,
+                               scheduler_config=sched)
+    else:
+        raise SystemExit(f"unknown preset {name!r}; accepted: {sorted(SAG_KW)}")
+    return model.to(device=device, dtype=dtype)
+
+
+class Counter:
+    """Counts model calls and image-evaluations (rows) through the model-call contract."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.rows = model, 0, 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.model(x, t, cond)
+
+
+def _cond(model: DiffusionModel, n: int, device) -> torch.Tensor | None:
+    if model.conditioning == "class":
+        return torch.arange(n, device=device) % model.num_classes
+    if model.conditioning == "text":
+        return torch.randn(n, 77, 768, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
+    return None
+
+
+def _timed(fn, device) -> tuple[float, float]:
+    """(seconds, peak accelerator MiB; NaN on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) / 2**20
+    return time.perf_counter() - t0, float("nan")
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
+
+
+def run_cases(cases: dict, device, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds and max peak MiB per case, A/B interleaved after one warm-up round."""
+    for fn in cases.values():
+        fn()
+    times = {k: [] for k in cases}
+    peaks = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            s, m = _timed(fn, device)
+            times[k].append(s)
+            peaks[k].append(m)
+    return {k: (statistics.median(times[k]), max(peaks[k])) for k in cases}
+
+
+def bench_guidance(model, preset, device, steps, batch, repeats, scheduler="ddim") -> list[dict]:
+    sched = make_scheduler(model, scheduler)
+    seeds, cond = list(range(batch)), _cond(model, batch, device)
+    has_null = model.conditioning == "text" or model.has_null_class
+    kinds = ["none", "sag", "blur"] + (["cfg", "sag_cfg"] if has_null else [])
+    kw = dict(SAG_KW[preset])
+    counters, fns = {}, {}
+    for k in kinds:
+        counters[k] = Counter(model)
+        if k == "none":
+            fns[k] = counters[k]
+        else:
+            fns[k] = build_guidance(model, k, **kw)
+            fns[k].inner = counters[k]
+
+    def case(k):
+        return lambda: sample(model, sched, steps=steps, seeds=seeds, cond=cond, model_fn=fns[k],
+                              batch_size=batch, progress=False, check_finite=False)
+
+    res = run_cases({k: case(k) for k in kinds}, device, repeats)
+    calls = {k: counters[k].rows / (repeats + 1) / batch for k in kinds}
+    rows = []
+    for k in kinds:
+        s, mem = res[k]
+        rows.append({"benchmark": "guidance", "setting": k, "calls_per_image": calls[k], "s_per_image": s / batch,
+                     "peak_mem_mb": mem, "ratio_vs_none": s / res["none"][0],
+                     "ratio_vs_cfg": s / res["cfg"][0] if "cfg" in res else float("nan")})
+    return rows
+
+
+def bench_capture(model, device, steps, batch, repeats, scheduler="ddim") -> list[dict]:
+    sched = make_scheduler(model, scheduler)
+    seeds, cond = list(range(batch)), _cond(model, batch, device)
+
+    def plain():
+        sample(model, sched, steps=steps, seeds=seeds, cond=cond, batch_size=batch, progress=False,
+               check_finite=False)
+
+    def captured(exact=True):
+        def fn():
+            with capture_attention(model.net, "*", ["head_mean", "received"], exact=exact) as store:
+                sample(model, sched, steps=steps, seeds=seeds, cond=cond, batch_size=batch, progress=False,
+                       check_finite=False, callback=lambda s: store.pop())
+        return fn
+
+    res = run_cases({"no capture": plain, "capture": captured(), "capture exact=False": captured(False)},
+                    device, repeats)
+    base = res["no capture"][0]
+    return [{"benchmark": "capture", "setting": k, "calls_per_image": float(steps), "s_per_image": s / batch,
+             "peak_mem_mb": m, "ratio_vs_none": s / base, "ratio_vs_cfg": float("nan")} for k, (s, m) in res.items()]
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny_pixel_cond", choices=sorted(SAG_KW))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--latent", type=int, default=64, help="sd15 latent size (token grid of the first level)")
+    ap.add_argument("--benchmarks", default="guidance,capture")
+    ap.add_argument("--out", default="outputs/bench", help="writes <out>/tables/bench.parquet (appends)")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = build_preset(args.preset, device, dtype, args.latent)
+    rows = []
+    which = args.benchmarks.split(",")
+    if "guidance" in which:
+        rows += bench_guidance(model, args.preset, device, args.steps, args.batch, args.repeats)
+    if "capture" in which:
+        rows += bench_capture(model, device, args.steps, args.batch, args.repeats)
+    grid = f"{args.latent}x{args.latent}" if args.preset == "sd15" else "x".join(map(str, model.sample_size))
+    meta = {"model": f"{args.preset} ({grid})", "device": device.type, "dtype": args.dtype, "batch": args.batch,
+            "steps": args.steps, "machine": _machine(device), "date": dt.date.today().isoformat()}
+    df = pd.DataFrame([{**r, **meta} for r in rows])
+    validate(df, "bench")
+    out = Path(args.out)
+    path = out / "tables" / "bench.parquet"
+    if path.is_file():
+        df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
+    write_table(df, out, "bench")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df.tail(len(rows))[["benchmark", "setting", "model", "calls_per_image", "s_per_image", "peak_mem_mb",
+                                  "ratio_vs_none", "ratio_vs_cfg"]].to_string(index=False))
+    print(f"wrote {path}")
+    return df
+
+
+if __name__ == "__main__":
+    main()
