@@ -121,3 +121,28 @@ def conditions(cfg: DictConfig, model: DiffusionModel, inputs: RunInputs) -> tor
     cond = (class_labels(cfg, model, inputs.all_seeds) if model.conditioning == "class"
             else text_cond(cfg, model, inputs.all_seeds))
     return shard_cond(cond, len(inputs.all_seeds), inputs.shard)
+
+
+def capture_run(cfg: DictConfig, out) -> dict:
+    """The capture stage (experiments.capture, and studies / the main job when they capture first): validate
+    everything cheap, build the model, then sample ``cfg.seeds`` recording the selected layers into ``out``.
+    Returns the run manifest (``run.json``)."""
+    from pathlib import Path
+
+    from sag.attention import select_layers
+    from sag.runs import run_sampling
+
+    with user_errors():
+        run = run_inputs(cfg)
+        spec = instantiate(cfg.capture, _convert_="all")
+        model = build_model(cfg)
+        scheduler = instantiate(cfg.scheduler)(model)
+        layers = select_layers(model.net, spec.layers, spec.include_cross)  # fails here on a bad pattern
+        model.validate(run.size or model.sample_size)  # e.g. DiT needs square latents
+        cond = conditions(cfg, model, run)
+    out = Path(out)
+    print(f"capturing {len(layers)} layer(s) of {model.name} over {run.steps} steps "
+          f"for {len(run.seeds)} seeds -> {out}")
+    return run_sampling(model, scheduler, out, steps=run.steps, seeds=run.seeds, capture=spec,
+                        batch_size=run.batch_size, cond=cond, size=run.size, progress=cfg.progress,
+                        meta={"layers": layers, **run.meta(cfg)})

@@ -36,29 +36,11 @@ from analysis.studies import (
     study_timesteps,
 )
 from analysis.tables import TableError, write_table
-from experiments.common import build_model, conditions, run_inputs, user_errors
-from sag.attention import select_layers
+from experiments.common import capture_run, user_errors
 from sag.errors import SagConfigError
 from sag.probe import MASKS_FILE, probe_scenes, write_sample_masks
-from sag.runs import run_sampling
 
 STUDIES = ("timesteps", "frequency", "correlation")
-
-
-def capture(cfg: DictConfig, out: Path) -> dict:
-    """The experiments.capture code path: sample cfg.seeds and record attention into ``out``."""
-    run = run_inputs(cfg)
-    spec = instantiate(cfg.capture, _convert_="all")
-    model = build_model(cfg)
-    scheduler = instantiate(cfg.scheduler)(model)
-    layers = select_layers(model.net, spec.layers, spec.include_cross)
-    model.validate(run.size or model.sample_size)
-    cond = conditions(cfg, model, run)
-    print(f"capturing {len(layers)} layer(s) of {model.name} over {run.steps} steps for {len(run.seeds)} seeds "
-          f"-> {out}")
-    return run_sampling(model, scheduler, out, steps=run.steps, seeds=run.seeds, capture=spec,
-                        batch_size=run.batch_size, cond=cond, size=run.size, progress=cfg.progress,
-                        meta={"layers": layers, **run.meta(cfg)})
 
 
 def run_model(cfg: DictConfig, run_dir: Path):
@@ -79,7 +61,7 @@ def main(cfg: DictConfig) -> None:
             raise SagConfigError(f"studies/correlation_modes {bad}; accepted: {list(STUDIES)} / {list(MODES)}")
         if cfg.run_dir is None:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
-            capture(cfg, run_dir)
+            capture_run(cfg, run_dir)
         else:
             run_dir = Path(cfg.run_dir)
             if not run_dir.is_dir():
