@@ -26,24 +26,34 @@ class VPSchedule:
         self.alphas_cumprod = ac
         self.log_sigmas = 0.5 * torch.log((1 - ac).clamp_min(1e-30) / ac)
         self.num_train_timesteps = ac.numel()
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(alphas_cumprod, log_sigmas) on ``device``: lookups stay where t lives (no host-device sync)."""
+        if device.type == "cpu":
+            return self.alphas_cumprod, self.log_sigmas
+        if device not in self._on_device:
+            self._on_device[device] = (self.alphas_cumprod.to(device), self.log_sigmas.to(device))
+        return self._on_device[device]
 
     # --- schedule at continuous t -------------------------------------------------------------------
     def log_sigma(self, t: Tensor | float) -> Tensor:
         """Piecewise-linear interpolation of log sigma over integer t (float64)."""
-        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        t = torch.as_tensor(t).detach().to(torch.float64).clamp(0, self.num_train_timesteps - 1)
+        log_sigmas = self._tables(t.device)[1]
         low = t.floor().long()
         high = (low + 1).clamp_max(self.num_train_timesteps - 1)
         w = t - low
-        return (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return (1 - w) * log_sigmas[low] + w * log_sigmas[high]
 
     def sigma(self, t: Tensor | float) -> Tensor:
         return self.log_sigma(t).exp()
 
     def alpha_bar(self, t: Tensor | float) -> Tensor:
         """alpha_bar(t) = 1 / (1 + sigma(t)^2); exact at integer t."""
-        t64 = torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float64)  # the table lives on the CPU
+        t64 = torch.as_tensor(t).detach().to(torch.float64)
         integral = t64 == t64.round()
-        exact = self.alphas_cumprod[t64.round().long().clamp(0, self.num_train_timesteps - 1)]
+        exact = self._tables(t64.device)[0][t64.round().long().clamp(0, self.num_train_timesteps - 1)]
         return torch.where(integral, exact, torch.sigmoid(-2 * self.log_sigma(t64)))
 
     def coefficients(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
