@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 env: $(BIN)/.installed
 
 run: $(BIN)/.installed
-	$(BIN)/python -m experiments.capture
+	$(BIN)/python -m experiments.main
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
