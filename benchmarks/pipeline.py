@@ -1,0 +1,177 @@
+"""Ours against diffusers' StableDiffusionSAGPipeline: same tiny Stable Diffusion, DDIM, prompts and seeds.
+
+    python -m benchmarks.pipeline --out outputs/bench_cpu --device cpu --steps 20 --batch 4 --repeats 3
+
+Both sides run on one tiny random SD-1.x-style model built offline (:mod:`sag.models.tiny_sd_pipeline`: CLIP
+text encoder, UNet2DConditionModel on 16x16x4 latents, AutoencoderKL), sharing the very same UNet / VAE / text
+encoder modules, the same DDIM scheduler config, the same prompts and the same per-image seeds. Settings:
+
+- ``sag_cfg``: diffusers ``sag_scale=0.75, guidance_scale=7.5`` against ours ``build_guidance(model, "sag_cfg",
+  sag_scale=0.75, cfg_scale=6.5)`` (diffusers' g is 1 + w in our convention);
+- ``sag``: diffusers ``sag_scale=0.75, guidance_scale=1.0`` (SAG alone) against ours ``"sag"``, sag_scale 0.75.
+
+Ours uses diffusers' layer (mid-block attn1) and blur (kernel 9, sigma 1.0). What is timed is the same work on
+both sides: prompt encoding (the pipeline's ``encode_prompt``, with the empty prompt under CFG) + the DDIM
+sampling loop from the initial noise to the final latents. VAE decoding is excluded from both (the pipeline
+runs with ``output_type="latent"``; ours stops at latents).
+
+The cases are interleaved in one process after one warm-up round (which also counts UNet rows through a hook and
+records the final latents for the parity check), ``--repeats`` rounds, the order of ours / diffusers alternating
+from round to round; medians. After each diffusers call the mid-block attn1 processor that the pipeline swaps in
+(and leaves) is restored, so that ours never runs on the pipeline's processor.
+
+Rows of ``<out>/tables/bench.parquet`` (appended): ``benchmark="pipeline"``, ``setting`` ``"ours sag_cfg"``,
+``"diffusers sag_cfg"``, ``"ours sag"``, ``"diffusers sag"``. In these rows ``ratio_vs_none`` holds
+ours / diffusers time for the same setting (1.0 on the diffusers rows; target <= 1.0x), repeated in the explicit
+extra column ``ratio_vs_diffusers``; ``ratio_vs_cfg`` is NaN. ``parity_max_abs`` is the max abs difference of
+the final latents between ours and diffusers for the setting (float32: ~1e-5). ``calls_per_image`` counts UNet
+image-evaluations per image (3 x steps for SAG+CFG, 2 x steps for SAG) on each side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis.schemas import validate
+from analysis.tables import write_table
+from benchmarks.cost import DTYPES, _machine, _timed
+from sag.guidance import build_guidance
+from sag.models.tiny_sd_pipeline import SAG_KW, build_tiny_sd, run_pipeline
+from sag.sampling import sample
+
+PROMPTS = ["a cat", "the dog", "a cat and the dog", "the cat"]
+SAG_SCALE = 0.75
+GUIDANCE = {"sag_cfg": 7.5, "sag": 1.0}  # diffusers' guidance_scale per setting (ours: cfg_scale = g - 1)
+
+
+class RowCounter:
+    """Counts UNet image-evaluations (batch rows of ``sample``) through a forward pre-hook."""
+
+    def __init__(self, unet):
+        self.rows = 0
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        self.rows += x.shape[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def make_cases(pipe, model, steps: int, batch: int) -> dict:
+    """name -> zero-argument callable returning the final latents (on the CPU)."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    seeds = list(range(batch))
+    attn1 = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    device = pipe._execution_device
+
+    def theirs(g):
+        def fn():
+            orig = attn1.processor
+            try:
+                return run_pipeline(pipe, prompts, seeds, steps, sag_scale=SAG_SCALE, guidance_scale=g).cpu()
+            finally:
+                attn1.set_processor(orig)  # the pipeline leaves its CrossAttnStoreProcessor on the shared UNet
+        return fn
+
+    def ours(kind, g):
+        guide = build_guidance(model, kind, sag_scale=SAG_SCALE, cfg_scale=g - 1.0, **SAG_KW)
+        use_cfg = kind == "sag_cfg"
+
+        def fn():
+            with torch.no_grad():
+                cond = pipe.encode_prompt(prompts, device, 1, use_cfg, None)[0]  # as the pipeline does
+            return sample(model, pipe.scheduler, steps=steps, seeds=seeds, cond=cond, model_fn=guide,
+                          batch_size=batch, progress=False, check_finite=False)
+        return fn
+
+    cases = {}
+    for kind, g in GUIDANCE.items():
+        cases[f"diffusers {kind}"] = theirs(g)
+        cases[f"ours {kind}"] = ours(kind, g)
+    return cases
+
+
+def run(pipe, model, device, steps: int, batch: int, repeats: int) -> tuple[list[dict], dict[str, float]]:
+    """Bench rows (without the run metadata) and parity (max abs latent difference) per setting."""
+    cases = make_cases(pipe, model, steps, batch)
+    calls, latents = {}, {}
+    for name, fn in cases.items():  # warm-up: count UNet rows, keep the latents for parity
+        counter = RowCounter(pipe.unet)
+        try:
+            latents[name] = fn()
+        finally:
+            counter.remove()
+        calls[name] = counter.rows / batch
+    times = {k: [] for k in cases}
+    peaks = {k: [] for k in cases}
+    for r in range(repeats):
+        for kind in GUIDANCE:
+            pair = [f"diffusers {kind}", f"ours {kind}"]
+            for name in pair if r % 2 == 0 else pair[::-1]:
+                s, m = _timed(cases[name], device)
+                times[name].append(s)
+                peaks[name].append(m)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    parity = {kind: float((latents[f"ours {kind}"] - latents[f"diffusers {kind}"]).abs().max()) for kind in GUIDANCE}
+    rows = []
+    for kind in GUIDANCE:
+        ratio = med[f"ours {kind}"] / med[f"diffusers {kind}"]
+        for side in ("ours", "diffusers"):
+            name = f"{side} {kind}"
+            r = ratio if side == "ours" else 1.0
+            rows.append({"benchmark": "pipeline", "setting": name, "calls_per_image": calls[name],
+                         "s_per_image": med[name] / batch, "peak_mem_mb": max(peaks[name]), "ratio_vs_none": r,
+                         "ratio_vs_cfg": float("nan"), "ratio_vs_diffusers": r, "parity_max_abs": parity[kind]})
+    return rows, parity
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--out", default="outputs/bench", help="writes <out>/tables/bench.parquet (appends)")
+    args = ap.parse_args(argv)
+    if min(args.steps, args.batch, args.repeats) < 1:
+        raise SystemExit("--steps, --batch and --repeats must be positive integers")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe, model = build_tiny_sd(tmp, device, DTYPES[args.dtype])
+    rows, parity = run(pipe, model, device, args.steps, args.batch, args.repeats)
+    meta = {"model": "tiny_sd_pipeline (16x16x4 latent)", "device": device.type, "dtype": args.dtype,
+            "batch": args.batch, "steps": args.steps, "machine": _machine(device), "date": dt.date.today().isoformat()}
+    df = pd.DataFrame([{**r, **meta} for r in rows])
+    validate(df, "bench")
+    out = Path(args.out)
+    path = out / "tables" / "bench.parquet"
+    if path.is_file():
+        df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
+    write_table(df, out, "bench")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df.tail(len(rows))[["setting", "model", "steps", "batch", "calls_per_image", "s_per_image",
+                                  "ratio_vs_diffusers", "parity_max_abs"]].to_string(index=False))
+    for kind in GUIDANCE:
+        ours, theirs = (r for r in rows if r["setting"].endswith(f" {kind}"))
+        print(f"{kind}: ours / diffusers = {ours['ratio_vs_diffusers']:.3f}x "
+              f"({ours['s_per_image']:.4f} vs {theirs['s_per_image']:.4f} s/image), "
+              f"parity max |z_ours - z_diffusers| = {parity[kind]:.2e}")
+    print(f"wrote {path}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

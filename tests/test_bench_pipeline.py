@@ -1,0 +1,79 @@
+"""Smoke tests of the benchmarks: ours against diffusers' StableDiffusionSAGPipeline (benchmarks/pipeline.py)
+and the guidance / capture cost benchmark (benchmarks/cost.py), each at 2 steps into a temporary dir."""
+
+import importlib
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analysis.schemas import TABLES
+
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/ is not an installed package: import it from the repo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two on a shared machine (no OpenMP contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bench_module(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def read_bench(out):
+    df = pd.read_parquet(out / "tables" / "bench.parquet")
+    assert set(TABLES["bench"]) <= set(df.columns)
+    return df
+
+
+def test_pipeline_benchmark_ours_vs_diffusers(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pipeline = bench_module("pipeline", monkeypatch)
+    old = pd.DataFrame([{"benchmark": "guidance", "setting": "x", "model": "m", "device": "cpu", "dtype": "float32",
+                         "batch": 2, "steps": 3, "calls_per_image": 3.0, "s_per_image": 0.1, "peak_mem_mb": math.nan,
+                         "ratio_vs_none": 1.0, "ratio_vs_cfg": math.nan, "machine": "cpu", "date": "2026-01-01"}])
+    (tmp_path / "tables").mkdir()  # an existing table: rows are appended to it
+    old.to_parquet(tmp_path / "tables" / "bench.parquet", index=False)
+    steps = 2
+    pipeline.main(["--steps", str(steps), "--batch", "1", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    df = read_bench(tmp_path)
+    assert len(df) == 1 + 4 and df.iloc[0]["setting"] == "x"
+    new = df.iloc[1:].set_index("setting")
+    assert sorted(new.index) == ["diffusers sag", "diffusers sag_cfg", "ours sag", "ours sag_cfg"]
+    assert (new["benchmark"] == "pipeline").all() and (new["steps"] == steps).all() and (new["batch"] == 1).all()
+    s = new["s_per_image"].astype(float)
+    assert all(math.isfinite(v) and v > 0 for v in s)
+    for kind, calls in (("sag_cfg", 3 * steps), ("sag", 2 * steps)):  # UNet rows per image, counted
+        assert new.loc[f"ours {kind}", "calls_per_image"] == calls == new.loc[f"diffusers {kind}", "calls_per_image"]
+        ratio = s[f"ours {kind}"] / s[f"diffusers {kind}"]
+        assert new.loc[f"ours {kind}", "ratio_vs_diffusers"] == pytest.approx(ratio)
+        assert new.loc[f"ours {kind}", "ratio_vs_none"] == pytest.approx(ratio)  # documented reuse of the column
+        assert new.loc[f"diffusers {kind}", "ratio_vs_none"] == 1.0
+        assert 0 <= new.loc[f"ours {kind}", "parity_max_abs"] < 1e-3  # same final latents as diffusers
+
+
+def test_cost_benchmark_smoke(tmp_path, monkeypatch):
+    cost = bench_module("cost", monkeypatch)
+    steps = 2
+    cost.main(["--preset", "tiny_pixel_cond", "--steps", str(steps), "--batch", "2", "--repeats", "1",
+               "--out", str(tmp_path)])
+    df = read_bench(tmp_path)
+    guidance = df[df["benchmark"] == "guidance"].set_index("setting")
+    assert sorted(guidance.index) == ["blur", "cfg", "none", "sag", "sag_cfg"]
+    capture = df[df["benchmark"] == "capture"]
+    assert sorted(capture["setting"]) == ["capture", "capture exact=False", "no capture"]
+    assert len(df) == 5 + 3
+    assert all(math.isfinite(v) and v > 0 for v in df["s_per_image"])
+    calls = guidance["calls_per_image"]  # counted model evaluations per image: exact
+    assert calls["none"] == steps
+    assert calls["sag"] == 2 * calls["none"] and calls["blur"] == 2 * calls["none"]
+    assert calls["cfg"] == 2 * calls["none"] and calls["sag_cfg"] == 3 * calls["none"]
+    assert guidance.loc["none", "ratio_vs_none"] == 1.0
