@@ -37,8 +37,8 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str], include_cross: 
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise SagConfigError("no layer pattern given; accepted: glob or 're:<regex>' patterns, '*' for all")
-    pool = attention_layers(net, include_cross)
-    everything = attention_layers(net, include_cross=True)
+    everything = attention_layers(net, include_cross=True)  # one walk of the module tree
+    pool = {n: m for n, m in everything.items() if include_cross or not m.is_cross_attention}
     chosen: list[str] = []
     for p in patterns:
         if p.startswith("re:"):

@@ -122,7 +122,6 @@ class GridTracker:
     def __init__(self, net: nn.Module, layer_names: Iterable[str]):
         self.ancestors: dict[str, list[str]] = {}
         self.hw: dict[str, tuple[int, int]] = {}
-        modules = dict(net.named_modules())
         self.handles = []
         hooked: set[str] = set()
         for name in layer_names:
@@ -133,7 +132,7 @@ class GridTracker:
                 if anc not in hooked:
                     hooked.add(anc)
                     self.handles.append(
-                        modules[anc].register_forward_pre_hook(self._hook(anc), with_kwargs=True)
+                        net.get_submodule(anc).register_forward_pre_hook(self._hook(anc), with_kwargs=True)
                     )
 
     def _hook(self, anc: str):
@@ -264,7 +263,7 @@ def capture_attention(
     reductions = tuple(reductions)
     CaptureSpec(layers=["*"], reductions=list(reductions), query_stride=query_stride)  # validates
     names = select_layers(net, layers, include_cross)
-    modules = dict(net.named_modules())
+    modules = {n: net.get_submodule(n) for n in names}  # by path: no second walk of the tree (every step)
     for n in names:
         proc = modules[n].processor
         if not isinstance(proc, AttnProcessor2_0 | RecordingProcessor):
