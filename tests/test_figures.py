@@ -167,3 +167,12 @@ def test_qualitative_grid(tmp_path):
     paths = save_figure(fig, d, tmp_path, "q")
     assert sorted(p.name for p in paths) == ["q.csv", "q.pdf", "q.png"]
     assert len(pd.read_csv(tmp_path / "q.csv")) == 6
+
+
+def test_frequency_leaves_out_a_psi_without_surface():
+    surf = fx.frequency_surface()
+    high = surf["psi"] == surf["psi"].max()
+    surf.loc[high, "pct_diff"] = float("nan")  # e.g. psi 1.3 masks no patch at the plotted step
+    fig = fig_frequency.plot(fx.frequency(), surf)
+    titles = [ax.get_title(loc="left") for ax in fig.get_axes()]
+    assert sum("PD" in t for t in titles) == surf["psi"].nunique() - 1

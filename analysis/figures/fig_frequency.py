@@ -102,7 +102,8 @@ def plot(frequency: pd.DataFrame, surface: pd.DataFrame | None = None, **kw) -> 
     curves = d[d["panel"] == "curve"]
     surf = d[d["panel"] == "surface"]
     patches = sorted(curves["patch"].unique())
-    surf = surf[np.isfinite(surf["pct_diff"].astype(float))]  # psi with no masked patch at that step: no surface
+    if not surf.empty:  # a psi with no masked patch at the plotted step has no surface
+        surf = surf[np.isfinite(surf["pct_diff"].astype(float))]
     psis = sorted(surf["psi"].unique()) if not surf.empty else []
     style.apply_style()
     fig = style.plt.figure(figsize=(style.PANEL_W * max(len(patches), 1) + 2.2, 3.4 * (2 if psis else 1)),
