@@ -11,7 +11,8 @@ decided from the data by one rule (:func:`verdict`), never written by hand:
 A claim is checked in several scopes (layer x patch x psi, and mode / t for Exp. C); each scope is one row.
 The row with ``scope == "overall"`` summarises a claim: confirmed when more than half of its scopes are
 confirmed and none is significantly opposite; not confirmed when more than half are not confirmed; else
-inconclusive; its effect, CI bounds and p are the medians over scopes, n the smallest n.
+inconclusive; its effect, CI bounds and p are the medians over scopes, n the smallest n among scopes that
+have data (a psi = 1.3 scope may mask no patch at all: n = 0 there).
 
 Scopes of Exp. B use the final images with the attention of ``step`` (default: the last recorded step, the
 attention that produced the final image); Exp. C uses the last step for samples and every t for scenes.
@@ -132,7 +133,9 @@ def claims_table(stats: pd.DataFrame, *, alpha: float = 0.05, min_n: int = 10,
         judged["in_paper_range"] = (judged["effect"] >= lo) & (judged["effect"] <= hi) if cid in PAPER_RANGE else None
         for r in judged.to_dict("records"):
             rows.append({**base, "scope": "scope", **r})
-        rows.append({**base, "scope": "overall", "n": int(judged["n"].min()), "effect": judged["effect"].median(),
+        with_data = judged.loc[judged["n"] > 0, "n"]
+        n_min = int(with_data.min()) if len(with_data) else 0
+        rows.append({**base, "scope": "overall", "n": n_min, "effect": judged["effect"].median(),
                      "ci_low": judged["ci_low"].median(), "ci_high": judged["ci_high"].median(),
                      "p": judged["p"].median(), "verdict": overall(judged)})
     out = pd.DataFrame(rows)

@@ -149,3 +149,15 @@ def test_batched_wilcoxon_matches_scipy_with_zeros_and_ties():
     res = compare_arrays(d, np.zeros_like(d), n_boot=50)
     want = [1.0 if not d[i].any() else wilcoxon(d[i], zero_method="wilcox").pvalue for i in range(40)]
     np.testing.assert_allclose(res.p, want, rtol=1e-10)
+
+
+def test_overall_n_ignores_scopes_without_data():
+    stats = stats_table(frequency_rows(0.3), None, n_boot=200)
+    empty = stats.iloc[:1].copy()
+    empty["n"], empty["psi"] = 0, 9.9  # a scope where the stricter mask kept no patch
+    for col in ("effect", "ci_low", "ci_high", "p", "p_holm"):
+        empty[col] = np.nan
+    claims = claims_table(pd.concat([stats, empty], ignore_index=True), min_n=10)
+    b = claims[claims.claim_id == claims.iloc[0].claim_id]
+    assert (b[b.scope == "scope"].n == 0).any()
+    assert b[b.scope == "overall"].n.item() == 12
