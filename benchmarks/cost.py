@@ -33,6 +33,7 @@ from analysis.schemas import validate
 from analysis.tables import write_table
 from sag.capture import capture_attention
 from sag.guidance import build_guidance
+from sag.guidance.base import CallCounter
 from sag.models import DiffusionModel, load_model
 from sag.sampling import sample
 from sag.schedulers import make_scheduler
@@ -79,18 +80,6 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: in
     else:
         raise SystemExit(f"unknown preset {name!r}; accepted: {sorted(SAG_KW)}")
     return model.to(device=device, dtype=dtype)
-
-
-class Counter:
-    """Counts model calls and image-evaluations (rows) through the model-call contract."""
-
-    def __init__(self, model):
-        self.model, self.calls, self.rows = model, 0, 0
-
-    def __call__(self, x, t, cond):
-        self.calls += 1
-        self.rows += x.shape[0]
-        return self.model(x, t, cond)
 
 
 def _cond(model: DiffusionModel, n: int, device) -> torch.Tensor | None:
@@ -142,7 +131,7 @@ def bench_guidance(model, preset, device, steps, batch, repeats, scheduler="ddim
     kw = dict(SAG_KW[preset])
     counters, fns = {}, {}
     for k in kinds:
-        counters[k] = Counter(model)
+        counters[k] = CallCounter(model)
         if k == "none":
             fns[k] = counters[k]
         else:

@@ -36,6 +36,7 @@ from sag.errors import SagConfigError
 from sag.evaluators import extract, inception_metrics, load_evaluator, quality_metrics
 from sag.evaluators.quality import check_inception_weights
 from sag.guidance import Guidance, Window, build_guidance
+from sag.guidance.base import CallCounter
 from sag.runs import load_samples, run_sampling
 from sag.sampling import sample
 
@@ -111,25 +112,13 @@ def build(model, setting: Setting, gcfg: DictConfig, classifier=None):
     return g
 
 
-class Counter:
-    """Counts model calls and rows (image-evaluations), as benchmarks/guidance_cost.py does."""
-
-    def __init__(self, fn):
-        self.fn, self.calls, self.rows = fn, 0, 0
-
-    def __call__(self, x, t, cond):
-        self.calls += 1
-        self.rows += x.shape[0]
-        return self.fn(x, t, cond)
-
-
 def count_calls(model, scheduler, model_fn, steps: int, cond, size) -> float:
     """Network evaluations per image (rows / images) of one single-image trajectory; the counter replaces the
     innermost model call, so the guidance's own batching (CFG's 2B) is counted as rows."""
     holder = model_fn
     while isinstance(holder, Guidance) and isinstance(holder.inner, Guidance):
         holder = holder.inner
-    counter = Counter(holder.inner if isinstance(holder, Guidance) else model)
+    counter = CallCounter(holder.inner if isinstance(holder, Guidance) else model)
     if isinstance(holder, Guidance):
         holder.inner, saved = counter, holder.inner
     try:

@@ -8,7 +8,7 @@ For each kind in ``kinds`` (sag, blur, sag_cfg) at ``scale``: the full schedule,
 of ``windows`` (fractions of the trajectory, as Guidance's start/stop) and every-k schedules (``every``:
 guided on every k-th step, one plain call otherwise; sag.guidance.Window), next to the unguided run (and
 CFG alone for sag_cfg). ``calls_per_image`` is counted with a counting model (network evaluations per
-image, as benchmarks/guidance_cost.py); the metrics are those of experiments.evaluate. Writes
+image, with sag.guidance.base.CallCounter); the metrics are those of experiments.evaluate. Writes
 ``tables/frontier.parquet``; someone else draws the figure from it.
 """
 

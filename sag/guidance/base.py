@@ -86,3 +86,16 @@ class Guidance:
         """Check settings that depend on the sample size; called before sampling starts."""
         if hasattr(self.inner, "validate"):
             self.inner.validate(size)
+
+
+class CallCounter:
+    """The model-call contract around ``fn`` that counts calls and rows (image-evaluations): put it innermost
+    (``guidance.inner = CallCounter(model)``) to count what a guidance really costs per image."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        self.calls += 1
+        self.rows += x_t.shape[0]
+        return self.fn(x_t, t, cond)
