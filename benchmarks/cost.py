@@ -175,6 +175,15 @@ def bench_capture(model, device, steps, batch, repeats, scheduler="ddim") -> lis
              "peak_mem_mb": m, "ratio_vs_none": s / base, "ratio_vs_cfg": float("nan")} for k, (s, m) in res.items()]
 
 
+def append_bench(rows: list[dict], meta: dict, out: str | Path) -> tuple[pd.DataFrame, Path]:
+    """Rows (+ the run's ``meta`` columns) appended to ``<out>/tables/bench.parquet``; (whole table, path)."""
+    df = validate(pd.DataFrame([{**r, **meta} for r in rows]), "bench")
+    path = Path(out) / "tables" / "bench.parquet"
+    if path.is_file():
+        df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
+    return df, write_table(df, out, "bench")
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny_pixel_cond", choices=sorted(SAG_KW))
@@ -198,13 +207,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     grid = f"{args.latent}x{args.latent}" if args.preset == "sd15" else "x".join(map(str, model.sample_size))
     meta = {"model": f"{args.preset} ({grid})", "device": device.type, "dtype": args.dtype, "batch": args.batch,
             "steps": args.steps, "machine": _machine(device), "date": dt.date.today().isoformat()}
-    df = pd.DataFrame([{**r, **meta} for r in rows])
-    validate(df, "bench")
-    out = Path(args.out)
-    path = out / "tables" / "bench.parquet"
-    if path.is_file():
-        df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
-    write_table(df, out, "bench")
+    df, path = append_bench(rows, meta, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.tail(len(rows))[["benchmark", "setting", "model", "calls_per_image", "s_per_image", "peak_mem_mb",
                                   "ratio_vs_none", "ratio_vs_cfg"]].to_string(index=False))

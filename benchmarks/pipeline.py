@@ -34,14 +34,11 @@ import argparse
 import datetime as dt
 import statistics
 import tempfile
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from analysis.schemas import validate
-from analysis.tables import write_table
-from benchmarks.cost import DTYPES, _machine, _timed
+from benchmarks.cost import DTYPES, _machine, _timed, append_bench
 from sag.guidance import build_guidance
 from sag.models.tiny_sd_pipeline import SAG_KW, build_tiny_sd, run_pipeline
 from sag.sampling import sample
@@ -154,13 +151,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows, parity = run(pipe, model, device, args.steps, args.batch, args.repeats)
     meta = {"model": "tiny_sd_pipeline (16x16x4 latent)", "device": device.type, "dtype": args.dtype,
             "batch": args.batch, "steps": args.steps, "machine": _machine(device), "date": dt.date.today().isoformat()}
-    df = pd.DataFrame([{**r, **meta} for r in rows])
-    validate(df, "bench")
-    out = Path(args.out)
-    path = out / "tables" / "bench.parquet"
-    if path.is_file():
-        df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
-    write_table(df, out, "bench")
+    df, path = append_bench(rows, meta, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.tail(len(rows))[["setting", "model", "steps", "batch", "calls_per_image", "s_per_image",
                                   "ratio_vs_diffusers", "parity_max_abs"]].to_string(index=False))
