@@ -6,14 +6,27 @@ x_t = sqrt(alpha_bar(t)) x_0 + sqrt(1 - alpha_bar(t)) eps   (DDPM, Ho et al. 202
 float ``t``, obtained by interpolating log-sigma (sigma = sqrt((1 - alpha_bar) / alpha_bar)) between the two
 neighbouring integer timesteps; we invert exactly that map, as k-diffusion's ``DiscreteSchedule.t_to_sigma``
 does, so guidance computed here agrees with whatever scheduler produced ``t``.
+
+Names: ``sqrt_ab`` = sqrt(alpha_bar) and ``sqrt_one_minus_ab`` = sqrt(1 - alpha_bar) are the coefficients of
+x_0 and eps above; ``sigma`` is only k-diffusion's noise level sqrt((1 - alpha_bar) / alpha_bar) (Karras et al.
+2022, x_t / sqrt(alpha_bar) = x_0 + sigma eps), never sqrt(1 - alpha_bar) and never a blur width.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class VPCoefficients(NamedTuple):
+    """x_t = sqrt_ab * x_0 + sqrt_one_minus_ab * eps (DDPM Eq. 4), each shaped (b, 1, ..., 1)."""
+
+    sqrt_ab: Tensor
+    sqrt_one_minus_ab: Tensor
 
 
 class VPSchedule:
@@ -24,6 +37,7 @@ class VPSchedule:
         if ac.numel() < 2 or not torch.all((ac > 0) & (ac <= 1)):
             raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1]")
         self.alphas_cumprod = ac
+        # log of the noise level sigma = sqrt((1 - ab) / ab) at every integer t (k-diffusion's log_sigmas)
         self.log_sigmas = 0.5 * torch.log((1 - ac).clamp_min(1e-30) / ac)
         self.num_train_timesteps = ac.numel()
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -38,7 +52,7 @@ class VPSchedule:
 
     # --- schedule at continuous t -------------------------------------------------------------------
     def log_sigma(self, t: Tensor | float) -> Tensor:
-        """Piecewise-linear interpolation of log sigma over integer t (float64)."""
+        """log of the noise level sigma(t): piecewise-linear interpolation over integer t (float64)."""
         t = torch.as_tensor(t).detach().to(torch.float64).clamp(0, self.num_train_timesteps - 1)
         log_sigmas = self._tables(t.device)[1]
         low = t.floor().long()
@@ -47,6 +61,7 @@ class VPSchedule:
         return (1 - w) * log_sigmas[low] + w * log_sigmas[high]
 
     def sigma(self, t: Tensor | float) -> Tensor:
+        """The noise level sigma(t) = sqrt((1 - alpha_bar) / alpha_bar) (k-diffusion's ``t_to_sigma``), float64."""
         return self.log_sigma(t).exp()
 
     def alpha_bar(self, t: Tensor | float) -> Tensor:
@@ -56,52 +71,55 @@ class VPSchedule:
         exact = self._tables(t64.device)[0][t64.round().long().clamp(0, self.num_train_timesteps - 1)]
         return torch.where(integral, exact, torch.sigmoid(-2 * self.log_sigma(t64)))
 
-    def coefficients(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) shaped (b, 1, ..., 1) in ``like``'s dtype and device."""
+    def coefficients(self, t: Tensor | float, like: Tensor) -> VPCoefficients:
+        """(sqrt_ab, sqrt_one_minus_ab) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) shaped (b, 1, ..., 1) in ``like``'s
+        dtype and device."""
         ab = self.alpha_bar(t)
         if ab.ndim == 0:
             ab = ab.expand(like.shape[0])
         if ab.shape[0] != like.shape[0]:
             raise ValueError(f"t has {ab.shape[0]} entries for a batch of {like.shape[0]}")
         shape = (like.shape[0],) + (1,) * (like.ndim - 1)
-        a = ab.sqrt().reshape(shape).to(like.device, like.dtype)
-        s = (1 - ab).sqrt().reshape(shape).to(like.device, like.dtype)
-        return a, s
+        sqrt_ab = ab.sqrt().reshape(shape).to(like.device, like.dtype)
+        sqrt_one_minus_ab = (1 - ab).sqrt().reshape(shape).to(like.device, like.dtype)
+        return VPCoefficients(sqrt_ab, sqrt_one_minus_ab)
 
     # --- conversions ----------------------------------------------------------------------------------
+    # With a = sqrt_ab, b = sqrt_one_minus_ab: x_t = a x0 + b eps and v = a eps - b x0 (Salimans & Ho 2022).
     def to_x0(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
-        """x0 estimate. eps: (x - s eps) / a;  v: a x - s v  (Salimans & Ho 2022, v = a eps - s x0)."""
-        a, s = self.coefficients(t, x_t)
+        """x0 estimate. eps: (x_t - b eps) / a;  v: a x_t - b v."""
+        sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x_t)
         if prediction_type == "epsilon":
-            return (x_t - s * pred) / a
+            return (x_t - sqrt_one_minus_ab * pred) / sqrt_ab
         if prediction_type == "v_prediction":
-            return a * x_t - s * pred
+            return sqrt_ab * x_t - sqrt_one_minus_ab * pred
         if prediction_type == "sample":
             return pred
         raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
 
     def to_eps(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
-        a, s = self.coefficients(t, x_t)
+        """eps estimate. v: b x_t + a v;  x0: (x_t - a x0) / b."""
+        sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x_t)
         if prediction_type == "epsilon":
             return pred
         if prediction_type == "v_prediction":
-            return s * x_t + a * pred
+            return sqrt_one_minus_ab * x_t + sqrt_ab * pred
         if prediction_type == "sample":
-            return (x_t - a * pred) / s
+            return (x_t - sqrt_ab * pred) / sqrt_one_minus_ab
         raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
 
     def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
         """The prediction of type ``prediction_type`` that corresponds to (x0, eps) at t."""
-        a, s = self.coefficients(t, x0)
+        sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x0)
         if prediction_type == "epsilon":
             return eps
         if prediction_type == "v_prediction":
-            return a * eps - s * x0
+            return sqrt_ab * eps - sqrt_one_minus_ab * x0
         if prediction_type == "sample":
             return x0
         raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
-        """q(x_t | x_0) with a given noise: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
-        a, s = self.coefficients(t, x0)
-        return a * x0 + s * eps
+        """q(x_t | x_0) with a given noise: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (DDPM Eq. 4)."""
+        sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x0)
+        return sqrt_ab * x0 + sqrt_one_minus_ab * eps

@@ -60,4 +60,5 @@ def takes_variance(scheduler: SchedulerMixin) -> bool:
 
 
 def takes_generator(scheduler: SchedulerMixin) -> bool:
+    """Whether ``scheduler.step`` accepts a ``generator`` (stochastic samplers: DDPM, Euler ancestral, ...)."""
     return "generator" in inspect.signature(scheduler.step).parameters

@@ -1,4 +1,4 @@
-"""guided-diffusion (ADM) checkpoints -> diffusers UNet2DModel (sag.models.adm).
+"""guided-diffusion (ADM) checkpoints -> diffusers UNet2DModel (sag.models.adm, sag.models.adm_weights).
 
 The proof that the mapping is right: a compact, faithful re-implementation of guided-diffusion's
 ``UNetModel`` (below: same module tree, so the same state-dict keys and shapes) generates random
@@ -25,12 +25,11 @@ from sag.models.adm import (
     adm_attention_heads,
     adm_betas,
     adm_flags,
-    adm_state_dict_shapes,
+    adm_modules,
     adm_unet_config,
     build_adm_unet,
-    convert_adm_state_dict,
-    load_adm,
 )
+from sag.models.adm_weights import adm_state_dict_shapes, convert_adm_state_dict, load_adm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -365,6 +364,7 @@ def test_attention_maps_and_layer_names_match(pair):
         assert heads[layer] == nh
         assert records[layer].shape == w.shape
         assert w.amax(-1).mean() > 2 / length  # not flat
+        # the recorder stores float32: probabilities <= 1 rounded to float32 (eps 1.2e-7), a few ulps
         torch.testing.assert_close(records[layer], w.float(), atol=1e-6, rtol=1e-5)
 
 
@@ -386,6 +386,7 @@ def test_load_adm_file_and_learned_sigma_split(pair, tmp_path):
         out = m(x, t, y)
     eps, var = m.split(out)
     assert eps.shape == x.shape
+    # float64 on both sides; only summation order differs (~1e-15 relative), far below 1e-9
     torch.testing.assert_close(eps, expected[:, :3], atol=1e-9, rtol=1e-9)
     if flags["learn_sigma"]:
         torch.testing.assert_close(var, expected[:, 3:], atol=1e-9, rtol=1e-9)
@@ -407,13 +408,27 @@ def test_model_schedule_and_scheduler_config(tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     m = load_adm(str(tmp_path / "m.pt"), **PLAIN)
     ac = np.cumprod(1 - adm_betas(1000, "linear"))
+    # alphas_cumprod is stored as float32 (relative rounding 6e-8)
     np.testing.assert_allclose(m.alphas_cumprod.double().numpy(), ac, rtol=1e-6)
     sched = DDPMScheduler.from_config(m.scheduler_config)
+    # diffusers takes the cumprod of 1000 float32 betas: rounding accumulates to ~1000 * 6e-8 = 6e-5
     np.testing.assert_allclose(sched.alphas_cumprod.double().numpy(), ac, rtol=1e-4)
     assert m.scheduler_config["prediction_type"] == "epsilon"
 
 
 # --- official presets ----------------------------------------------------------------------------------
+def test_block_numbering_is_one_walk():
+    """adm_modules walks guided-diffusion's block numbering once; state-dict keys and layer names both read it
+    (ImageNet-128: input_blocks 0-14, middle_block, output_blocks 0-14)."""
+    mods = adm_modules("imagenet128_cond")
+    blocks = [m.block for m in mods]
+    assert len(set(blocks)) == 31 and blocks[0] == "input_blocks.0" and blocks[-1] == "output_blocks.14"
+    top = ("time_embed.", "label_emb.", "out.")
+    keys = [k for k in adm_state_dict_shapes("imagenet128_cond") if not k.startswith(top)]
+    assert all(any(k.startswith(m.adm + ".") for m in mods) for k in keys)
+    assert {m.block: m.diffusers for m in mods if m.kind == "attention"} == ADM_LAYER_NAMES("imagenet128_cond")
+
+
 def test_official_preset_architectures():
     # ImageNet-128 cond: output_blocks[8] = 32x32 decoder attention, 512 ch, 4 heads (paper 1.4)
     names, heads = ADM_LAYER_NAMES("imagenet128_cond"), adm_attention_heads("imagenet128_cond")

@@ -21,7 +21,7 @@ def test_tiny_models_are_deterministic_and_run(name):
     a, b = load_model(name), load_model(name)
     for pa, pb in zip(a.net.parameters(), b.net.parameters()):
         assert torch.equal(pa, pb)
-    x = torch.randn(2, a.in_channels, *a.sample_size)
+    x = torch.randn(2, a.in_channels, *a.sample_size, generator=torch.Generator().manual_seed(0))
     cond = torch.tensor([0, 1]) if a.conditioning == "class" else None
     with torch.no_grad():
         out = a(x, torch.tensor([10.0, 500.5]), cond)
@@ -39,7 +39,7 @@ def test_tiny_models_do_not_touch_global_rng():
 def test_class_model_conditioning(tiny_pixel_cond):
     m = tiny_pixel_cond
     assert m.conditioning == "class" and m.null_cond(3).tolist() == [m.num_classes] * 3
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = m(x, torch.tensor([400.0]), torch.tensor([0]))
         b = m(x, torch.tensor([400.0]), torch.tensor([1]))
@@ -50,13 +50,13 @@ def test_class_model_conditioning(tiny_pixel_cond):
 
 def test_latent_model_decodes(tiny_sd):
     assert tiny_sd.is_latent and tiny_sd.conditioning == "text"
-    images = tiny_sd.to_images(torch.randn(2, 4, 16, 16))
+    images = tiny_sd.to_images(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
 
 
 def test_learned_variance_split():
     m = load_model("tiny_pixel", learned_variance=True)
-    out = m(torch.randn(1, 3, 32, 32), torch.tensor([5.0]))
+    out = m(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([5.0]))
     pred, var = m.split(out)
     assert out.shape[1] == 6 and pred.shape[1] == 3 and var.shape[1] == 3
 
@@ -71,7 +71,7 @@ def test_diffusers_dir_roundtrip(tmp_path):
     m = load_model("diffusers_dir", path=str(tmp_path / "pipe"))
     assert m.prediction_type == "v_prediction" and not m.learned_variance and m.conditioning == "none"
     assert torch.allclose(m.alphas_cumprod, sched.alphas_cumprod)
-    x, t = torch.randn(1, 3, 32, 32), torch.tensor([7.0])
+    x, t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([7.0])
     with torch.no_grad():
         # same weights; ~1e-6 differences come from the memory layout of loaded tensors
         assert torch.allclose(m(x, t), unet(x, t).sample, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sag.errors import SagConfigError
-from sag.models.adm import load_adm
+from sag.models.adm_weights import load_adm
 from sag.models.base import DiffusionModel
 from sag.models.diffusers_dir import load_diffusers_dir
 from sag.models.embedded import load_embedded

@@ -1,10 +1,11 @@
-"""OpenAI guided-diffusion (ADM) checkpoints as a diffusers ``UNet2DModel``; nothing is downloaded.
+"""OpenAI guided-diffusion (ADM) architecture as a diffusers ``UNet2DModel``: flags, layer names, schedule.
 
-``load_adm(path, preset)`` reads a guided-diffusion ``UNetModel`` state dict (``torch.load`` with
-``weights_only=True``: a pickle that would run code is refused), converts every tensor to diffusers names
-and returns a :class:`~sag.models.base.DiffusionModel`. The architecture comes from a preset of the
-official SAG README models (:data:`ADM_PRESETS`) and/or guided-diffusion's command-line flags (same names:
-``image_size``, ``num_channels``, ``attention_resolutions="32,16,8"``, ``num_head_channels``, ...).
+The architecture comes from a preset of the official SAG README models (:data:`ADM_PRESETS`) and/or
+guided-diffusion's command-line flags (same names: ``image_size``, ``num_channels``,
+``attention_resolutions="32,16,8"``, ``num_head_channels``, ...). :func:`adm_modules` is the one walk over
+ADM's block numbering (``input_blocks.<k>`` / ``middle_block`` / ``output_blocks.<k>``) -> diffusers module
+names; layer names, heads and the weight conversion in :mod:`sag.models.adm_weights` (``load_adm``,
+``convert_adm_state_dict``; it imports this module, never the reverse) all read it.
 
 Architecture correspondence (guided-diffusion ``unet.py`` -> diffusers):
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -201,28 +202,81 @@ def _heads(f: Mapping[str, Any], channels: int, upsample: bool) -> int:
     return heads
 
 
-def _resolve(flags: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Flags from a preset name, a (possibly partial) flags mapping, or already normalised flags."""
-    return adm_flags(flags) if not isinstance(flags, Mapping) else adm_flags(None, **flags)
+# --- the block numbering ----------------------------------------------------------------------------------
+class AdmModule(NamedTuple):
+    """One module of guided-diffusion's ``input_blocks`` / ``middle_block`` / ``output_blocks`` and its diffusers
+    counterpart. ``kind``: ``"resnet"`` (ResBlock -> ResnetBlock2D), ``"attention"`` (AttentionBlock ->
+    Attention) or ``"conv"`` (a conv with weight and bias: the input conv, conv down/upsampling)."""
+
+    block: str  # the ADM block, as the official SAG code names it: "input_blocks.4", "middle_block"
+    adm: str  # its module prefix in the ADM state dict: "input_blocks.4.1"
+    diffusers: str  # the diffusers module prefix: "down_blocks.1.attentions.1"
+    kind: str
+    channels: int = 0  # attention only
+    heads: int = 0  # attention only
 
 
-def _describe(f: Mapping[str, Any]) -> str:
-    keys = ("image_size", "num_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "class_cond",
-            "learn_sigma", "resblock_updown", "use_scale_shift_norm")
-    return ", ".join(f"{k}={f[k]}" for k in keys)
+def adm_modules(flags: str | Mapping[str, Any] | None) -> list[AdmModule]:
+    """Every module of the ADM block numbering -> diffusers name, in forward order.
+
+    The one walk over guided-diffusion's ``UNetModel.__init__`` numbering: input block ``k`` counts ResBlocks and
+    Downsamples; output block ``k`` holds a ResBlock, then an AttentionBlock at attention levels, then the
+    level's Upsample after its last ResBlock. Layer names, heads and the weight conversion all read it.
+    """
+    f = adm_flags(flags)
+    chans, attn = _levels(f)
+    n, nrb, updown = len(chans), f["num_res_blocks"], f["resblock_updown"]
+
+    def attention(block: str, dst: str, level: int, upsample: bool) -> AdmModule:
+        return AdmModule(block, f"{block}.1", dst, "attention", chans[level], _heads(f, chans[level], upsample))
+
+    def resample(block: str, sub: int, dst: str, conv: str) -> AdmModule:
+        # resblock_updown: a ResBlock(down/up=True); else a conv (Downsample.op / Upsample.conv)
+        if updown:
+            return AdmModule(block, f"{block}.{sub}", dst, "resnet")
+        return AdmModule(block, f"{block}.{sub}.{conv}", f"{dst}.conv", "conv")
+
+    out = [AdmModule("input_blocks.0", "input_blocks.0.0", "conv_in", "conv")]
+    k = 1
+    for level in range(n):
+        for j in range(nrb):
+            b = f"input_blocks.{k}"
+            out.append(AdmModule(b, f"{b}.0", f"down_blocks.{level}.resnets.{j}", "resnet"))
+            if attn[level]:
+                out.append(attention(b, f"down_blocks.{level}.attentions.{j}", level, False))
+            k += 1
+        if level != n - 1:
+            out.append(resample(f"input_blocks.{k}", 0, f"down_blocks.{level}.downsamplers.0", "op"))
+            k += 1
+    out += [AdmModule("middle_block", "middle_block.0", "mid_block.resnets.0", "resnet"),
+            attention("middle_block", "mid_block.attentions.0", n - 1, False),
+            AdmModule("middle_block", "middle_block.2", "mid_block.resnets.1", "resnet")]
+    k = 0
+    for u, level in enumerate(reversed(range(n))):
+        for i in range(nrb + 1):
+            b = f"output_blocks.{k}"
+            out.append(AdmModule(b, f"{b}.0", f"up_blocks.{u}.resnets.{i}", "resnet"))
+            if attn[level]:
+                out.append(attention(b, f"up_blocks.{u}.attentions.{i}", level, True))
+            if level and i == nrb:  # the Upsample follows the ResBlock (and the AttentionBlock) of block k
+                out.append(resample(b, 1 + attn[level], f"up_blocks.{u}.upsamplers.0", "conv"))
+            k += 1
+    return out
+
+
+def _attention_modules(flags: str | Mapping[str, Any] | None) -> list[AdmModule]:
+    return [m for m in adm_modules(flags) if m.kind == "attention"]
 
 
 # --- diffusers config -------------------------------------------------------------------------------------
 def adm_unet_config(flags: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """``UNet2DModel`` keyword arguments reproducing guided-diffusion's ``UNetModel`` for these flags."""
-    f = _resolve(flags)
+    f = adm_flags(flags)
     chans, attn = _levels(f)
     updown = f["resblock_updown"]
     plain_down = "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
     plain_up = "ResnetUpsampleBlock2D" if updown else "UpBlock2D"
-    heads = [(c, _heads(f, c, up)) for c, a in zip(chans, attn) if a for up in (False, True)]
-    heads.append((chans[-1], _heads(f, chans[-1], False)))  # middle block
-    head_dims = {c // h for c, h in heads}
+    head_dims = {m.channels // m.heads for m in _attention_modules(f)}
     # per-head dim: exact when constant (num_head_channels); else set per layer by build_adm_unet
     head_dim = head_dims.pop() if len(head_dims) == 1 else None
     return {
@@ -256,53 +310,29 @@ def adm_unet_config(flags: str | Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _attention_blocks(f: Mapping[str, Any]) -> list[tuple[str, str, int, int]]:
-    """(ADM block, diffusers Attention name, channels, heads) for every attention layer, forward order."""
-    chans, attn = _levels(f)
-    n, nrb = len(chans), f["num_res_blocks"]
-    out: list[tuple[str, str, int, int]] = []
-    k = 1
-    for level in range(n):
-        for j in range(nrb):
-            if attn[level]:
-                out.append((f"input_blocks.{k}", f"down_blocks.{level}.attentions.{j}", chans[level],
-                            _heads(f, chans[level], False)))
-            k += 1
-        k += level != n - 1
-    out.append(("middle_block", "mid_block.attentions.0", chans[-1], _heads(f, chans[-1], False)))
-    k = 0
-    for u, level in enumerate(reversed(range(n))):
-        for i in range(nrb + 1):
-            if attn[level]:
-                out.append((f"output_blocks.{k}", f"up_blocks.{u}.attentions.{i}", chans[level],
-                            _heads(f, chans[level], True)))
-            k += 1
-    return out
-
-
 def ADM_LAYER_NAMES(flags: str | Mapping[str, Any] | None) -> dict[str, str]:  # noqa: N802 (constant-like table)
     """``"output_blocks.<d>"`` / ``"middle_block"`` / ``"input_blocks.<d>"`` -> diffusers Attention name.
 
     Only blocks holding an attention layer appear. ``--sel_attn_block output --sel_attn_depth d`` of the
     official SAG code is ``ADM_LAYER_NAMES(preset)[f"output_blocks.{d}"]``.
     """
-    return {adm: name for adm, name, _, _ in _attention_blocks(_resolve(flags))}
+    return {m.block: m.diffusers for m in _attention_modules(flags)}
 
 
 def adm_attention_heads(flags: str | Mapping[str, Any] | None) -> dict[str, int]:
     """Diffusers Attention name -> ADM's number of heads at that layer."""
-    return {name: h for _, name, _, h in _attention_blocks(_resolve(flags))}
+    return {m.diffusers: m.heads for m in _attention_modules(flags)}
 
 
 def _set_heads(net: UNet2DModel, f: Mapping[str, Any]) -> None:
     modules = dict(net.named_modules())
-    for _, name, channels, heads in _attention_blocks(f):
-        attn = modules[name]
-        assert isinstance(attn, Attention), name
-        attn.heads = heads
-        attn.sliceable_head_dim = heads
+    for m in _attention_modules(f):
+        attn = modules[m.diffusers]
+        assert isinstance(attn, Attention), m.diffusers
+        attn.heads = m.heads
+        attn.sliceable_head_dim = m.heads
         if attn.scale_qk:
-            attn.scale = (channels // heads) ** -0.5
+            attn.scale = (m.channels // m.heads) ** -0.5
 
 
 def build_adm_unet(flags: str | Mapping[str, Any] | None, device: str | torch.device | None = None) -> UNet2DModel:
@@ -310,7 +340,7 @@ def build_adm_unet(flags: str | Mapping[str, Any] | None, device: str | torch.de
 
     ``device="meta"`` builds it without allocating weights (for shapes, or ``load_state_dict(assign=True)``).
     """
-    f = _resolve(flags)
+    f = adm_flags(flags)
     cfg = adm_unet_config(f)
     if device is None:
         net = UNet2DModel(**cfg)
@@ -347,26 +377,16 @@ def adm_scheduler_config(f: Mapping[str, Any]) -> dict[str, Any]:
     return {"num_train_timesteps": steps, "beta_schedule": "squaredcos_cap_v2"}
 
 
-# Conversion and loading live in sag.models.adm_weights; re-exported here for one import path.
-from sag.models.adm_weights import (  # noqa: E402, F401
-    adm_state_dict_shapes,
-    convert_adm_state_dict,
-    load_adm,
-    read_adm_state_dict,
-)
-
 __all__ = [
     "ADM_DEFAULTS",
     "ADM_LAYER_NAMES",
     "ADM_PRESETS",
+    "AdmModule",
     "adm_attention_heads",
     "adm_betas",
     "adm_flags",
+    "adm_modules",
     "adm_scheduler_config",
-    "adm_state_dict_shapes",
     "adm_unet_config",
     "build_adm_unet",
-    "convert_adm_state_dict",
-    "load_adm",
-    "read_adm_state_dict",
 ]

@@ -1,6 +1,10 @@
 """Converting guided-diffusion (ADM) state dicts to diffusers ``UNet2DModel`` names, and loading them.
 
-See :mod:`sag.models.adm` for the architecture correspondence and the presets."""
+``load_adm(path, preset)`` reads a guided-diffusion ``UNetModel`` state dict (``torch.load`` with
+``weights_only=True``: a pickle that would run code is refused), converts every tensor to diffusers names
+and returns a :class:`~sag.models.base.DiffusionModel`. The tensor names follow the block numbering of
+:func:`sag.models.adm.adm_modules`; see :mod:`sag.models.adm` for the architecture correspondence and presets.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,15 @@ from torch import Tensor
 from sag.errors import SagConfigError
 from sag.models.adm import (
     ADM_PRESETS,
-    _attention_blocks,
-    _describe,
-    _levels,
-    _resolve,
     adm_betas,
     adm_flags,
+    adm_modules,
     adm_scheduler_config,
     build_adm_unet,
 )
 from sag.models.base import DiffusionModel
+
+Shapes = Mapping[str, tuple[int, ...]]  # diffusers tensor name -> shape
 
 # --- state dict conversion --------------------------------------------------------------------------------
 _RES_PARTS = (
@@ -49,83 +52,56 @@ def _identity(*ts: Tensor) -> tuple[Tensor, ...]:
     return ts
 
 
-def _rules(f: Mapping[str, Any], target: Mapping[str, tuple[int, ...]]) -> list[_Rule]:
-    chans, attn = _levels(f)
-    n, nrb = len(chans), f["num_res_blocks"]
-    rules: list[_Rule] = []
+def _plain(target: Shapes, src: str, dst: str, params: Iterable[str] = ("weight", "bias")) -> list[_Rule]:
+    """Tensors copied as they are (same shape under a new name)."""
+    return [_Rule({f"{src}.{p}": target[f"{dst}.{p}"]}, (f"{dst}.{p}",), _identity) for p in params]
 
-    def plain(src: str, dst: str, params: Iterable[str] = ("weight", "bias")) -> None:
-        for p in params:
-            rules.append(_Rule({f"{src}.{p}": target[f"{dst}.{p}"]}, (f"{dst}.{p}",), _identity))
 
-    def res(src: str, dst: str) -> None:
-        for a, b in _RES_PARTS:
-            plain(f"{src}.{a}", f"{dst}.{b}")
-        if f"{dst}.conv_shortcut.weight" in target:
-            plain(f"{src}.skip_connection", f"{dst}.conv_shortcut")
-
-    def attention(src: str, dst: str, heads: int) -> None:
-        plain(f"{src}.norm", f"{dst}.group_norm")
-        c = target[f"{dst}.to_q.weight"][0]
-        legacy = not f["use_new_attention_order"]
-
-        def split(t: Tensor) -> tuple[Tensor, ...]:
-            # legacy: output channel = head * 3ch + {q,k,v} * ch + i; new order: {q,k,v} * C + head * ch + i
-            rest = t.shape[1:]
-            parts = t.reshape(heads, 3, c // heads, *rest).transpose(0, 1) if legacy else t.reshape(3, c, *rest)
-            return tuple(p.reshape(c, *rest).clone() for p in parts)
-
-        def qkv_weight(w: Tensor) -> tuple[Tensor, ...]:
-            return split(w[..., 0])
-
-        rules.append(_Rule({f"{src}.qkv.weight": (3 * c, c, 1)},
-                           tuple(f"{dst}.to_{x}.weight" for x in "qkv"), qkv_weight))
-        rules.append(_Rule({f"{src}.qkv.bias": (3 * c,)}, tuple(f"{dst}.to_{x}.bias" for x in "qkv"), split))
-        rules.append(_Rule({f"{src}.proj_out.weight": (c, c, 1)}, (f"{dst}.to_out.0.weight",),
-                           lambda w: (w[..., 0].clone(),)))
-        plain(f"{src}.proj_out", f"{dst}.to_out.0", ("bias",))
-
-    heads = {name: h for _, name, _, h in _attention_blocks(f)}
-    plain("time_embed.0", "time_embedding.linear_1")
-    plain("time_embed.2", "time_embedding.linear_2")
-    if f["class_cond"]:
-        plain("label_emb", "class_embedding", ("weight",))
-    plain("input_blocks.0.0", "conv_in")
-    k = 1
-    for level in range(n):
-        for j in range(nrb):
-            res(f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{j}")
-            if attn[level]:
-                name = f"down_blocks.{level}.attentions.{j}"
-                attention(f"input_blocks.{k}.1", name, heads[name])
-            k += 1
-        if level != n - 1:
-            if f["resblock_updown"]:
-                res(f"input_blocks.{k}.0", f"down_blocks.{level}.downsamplers.0")
-            else:
-                plain(f"input_blocks.{k}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
-            k += 1
-    res("middle_block.0", "mid_block.resnets.0")
-    attention("middle_block.1", "mid_block.attentions.0", heads["mid_block.attentions.0"])
-    res("middle_block.2", "mid_block.resnets.1")
-    k = 0
-    for u, level in enumerate(reversed(range(n))):
-        for i in range(nrb + 1):
-            res(f"output_blocks.{k}.0", f"up_blocks.{u}.resnets.{i}")
-            sub = 1
-            if attn[level]:
-                name = f"up_blocks.{u}.attentions.{i}"
-                attention(f"output_blocks.{k}.1", name, heads[name])
-                sub = 2
-            if level and i == nrb:
-                if f["resblock_updown"]:
-                    res(f"output_blocks.{k}.{sub}", f"up_blocks.{u}.upsamplers.0")
-                else:
-                    plain(f"output_blocks.{k}.{sub}.conv", f"up_blocks.{u}.upsamplers.0.conv")
-            k += 1
-    plain("out.0", "conv_norm_out")
-    plain("out.2", "conv_out")
+def _resnet(target: Shapes, src: str, dst: str) -> list[_Rule]:
+    """ResBlock -> ResnetBlock2D (the 1x1 ``skip_connection`` only where channels change)."""
+    rules = [r for a, b in _RES_PARTS for r in _plain(target, f"{src}.{a}", f"{dst}.{b}")]
+    if f"{dst}.conv_shortcut.weight" in target:
+        rules += _plain(target, f"{src}.skip_connection", f"{dst}.conv_shortcut")
     return rules
+
+
+def _attention(target: Shapes, src: str, dst: str, heads: int, legacy_order: bool) -> list[_Rule]:
+    """AttentionBlock -> Attention: ``norm`` -> ``group_norm``, ``qkv`` conv1d split into to_q/to_k/to_v,
+    ``proj_out`` conv1d -> ``to_out.0`` linear."""
+    c = target[f"{dst}.to_q.weight"][0]
+
+    def split(t: Tensor) -> tuple[Tensor, ...]:
+        # legacy: output channel = head * 3ch + {q,k,v} * ch + i; new order: {q,k,v} * C + head * ch + i
+        rest = t.shape[1:]
+        parts = t.reshape(heads, 3, c // heads, *rest).transpose(0, 1) if legacy_order else t.reshape(3, c, *rest)
+        return tuple(p.reshape(c, *rest).clone() for p in parts)
+
+    def qkv_weight(w: Tensor) -> tuple[Tensor, ...]:
+        return split(w[..., 0])
+
+    return [
+        *_plain(target, f"{src}.norm", f"{dst}.group_norm"),
+        _Rule({f"{src}.qkv.weight": (3 * c, c, 1)}, tuple(f"{dst}.to_{x}.weight" for x in "qkv"), qkv_weight),
+        _Rule({f"{src}.qkv.bias": (3 * c,)}, tuple(f"{dst}.to_{x}.bias" for x in "qkv"), split),
+        _Rule({f"{src}.proj_out.weight": (c, c, 1)}, (f"{dst}.to_out.0.weight",), lambda w: (w[..., 0].clone(),)),
+        *_plain(target, f"{src}.proj_out", f"{dst}.to_out.0", ("bias",)),
+    ]
+
+
+def _rules(f: Mapping[str, Any], target: Shapes) -> list[_Rule]:
+    """Every conversion rule, in the order of guided-diffusion's state dict."""
+    rules = _plain(target, "time_embed.0", "time_embedding.linear_1") + _plain(target, "time_embed.2",
+                                                                               "time_embedding.linear_2")
+    if f["class_cond"]:
+        rules += _plain(target, "label_emb", "class_embedding", ("weight",))
+    for m in adm_modules(f):
+        if m.kind == "resnet":
+            rules += _resnet(target, m.adm, m.diffusers)
+        elif m.kind == "attention":
+            rules += _attention(target, m.adm, m.diffusers, m.heads, legacy_order=not f["use_new_attention_order"])
+        else:
+            rules += _plain(target, m.adm, m.diffusers)
+    return rules + _plain(target, "out.0", "conv_norm_out") + _plain(target, "out.2", "conv_out")
 
 
 @lru_cache(maxsize=32)
@@ -141,13 +117,19 @@ def _target_shapes(f: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def adm_state_dict_shapes(flags: str | Mapping[str, Any] | None) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of guided-diffusion's ``UNetModel`` state dict for these flags."""
-    f = _resolve(flags)
+    f = adm_flags(flags)
     return {k: s for r in _rules(f, _target_shapes(f)) for k, s in r.src.items()}
 
 
 def _matching_presets(state_dict: Mapping[str, Any]) -> list[str]:
     got = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, Tensor)}
     return [p for p in ADM_PRESETS if adm_state_dict_shapes(p) == got]
+
+
+def _describe(f: Mapping[str, Any]) -> str:
+    keys = ("image_size", "num_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "class_cond",
+            "learn_sigma", "resblock_updown", "use_scale_shift_norm")
+    return ", ".join(f"{k}={f[k]}" for k in keys)
 
 
 def _mismatch(source: str, f: Mapping[str, Any], preset_name: str | None, detail: str,
@@ -175,7 +157,7 @@ def convert_adm_state_dict(
     :class:`SagConfigError` names ``source``, the first offending key, expected and got shapes.
     """
     preset_name = flags if isinstance(flags, str) else None
-    f = _resolve(flags)
+    f = adm_flags(flags)
     target = _target_shapes(f)
     rules = _rules(f, target)
     expected = {k: s for r in rules for k, s in r.src.items()}

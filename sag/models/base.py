@@ -92,6 +92,7 @@ class DiffusionModel:
 
     @cached_property
     def schedule(self) -> VPSchedule:
+        """The VP schedule of ``alphas_cumprod`` at continuous t (eps / x0 / v conversions)."""
         return VPSchedule(self.alphas_cumprod)
 
     # --- conditioning -----------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ class DiffusionModel:
     # --- images -----------------------------------------------------------------------------------------
     @property
     def is_latent(self) -> bool:
+        """Whether samples are latents that :meth:`to_images` decodes."""
         return self.decoder is not None
 
     @torch.no_grad()
@@ -122,13 +124,16 @@ class DiffusionModel:
     # --- device -----------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """The device of the network's parameters."""
         return next(self.net.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the network's parameters."""
         return next(self.net.parameters()).dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
+        """Move the net, decoder, empty-prompt embedding and text encoder in place; returns ``self``."""
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if not kw:
             return self

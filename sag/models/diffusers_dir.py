@@ -19,10 +19,11 @@ import importlib.util
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sag.errors import SagConfigError
 from sag.models.base import DiffusionModel
@@ -32,9 +33,14 @@ LAYOUT = (
     "StableDiffusionPipeline with unet/ vae/ text_encoder/ tokenizer/, DiTPipeline with transformer/ vae/; "
     "plus scheduler/) or a bare UNet2DModel/UNet2DConditionModel/DiTTransformer2DModel folder (config.json + weights)"
 )
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # Transformer2DModel only with ada_norm_zero (DiT)
-NET_CLASSES = UNET_CLASSES + DIT_CLASSES
+# config.json ``_class_name`` of the denoiser -> its family (see :func:`_family`)
+FAMILIES = {
+    "UNet2DModel": "unet",  # DDPM/DDIM pipelines, the embedded model: unconditional or class labels
+    "UNet2DConditionModel": "text",  # Stable Diffusion 1.x/2.x: CLIP text embeddings
+    "DiTTransformer2DModel": "dit",  # DiT: class labels, learned sigma
+    "Transformer2DModel": "dit",  # legacy DiT class, only with norm_type ada_norm_zero
+}
+NET_CLASSES = tuple(FAMILIES)
 # model_index.json ``_class_name`` -> the denoiser component
 PIPELINES = {
     "DDPMPipeline": "unet",
@@ -156,6 +162,7 @@ class PromptEncoder:
         self.max_length = max_len
 
     def to(self, device=None, dtype=None) -> PromptEncoder:
+        """Move the text encoder in place; returns ``self``."""
         self.text_encoder.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
         return self
 
@@ -207,6 +214,102 @@ def _load_text(root: Path, parts: dict, torch_dtype: torch.dtype) -> PromptEncod
     return PromptEncoder(tokenizer, enc)
 
 
+# --- families: what a denoiser class brings besides the net --------------------------------------------------
+def _family(net_dir: Path, cfg: dict) -> tuple[str, str]:
+    """(family, diffusers class to load) of the denoiser folder: the one place a folder's family is decided."""
+    cls_name = cfg.get("_class_name")
+    if cls_name not in FAMILIES:
+        raise SagConfigError(f"{net_dir / 'config.json'}: _class_name {cls_name!r} is not one of {NET_CLASSES}")
+    if cls_name == "Transformer2DModel":
+        if cfg.get("norm_type") != "ada_norm_zero" or not cfg.get("patch_size"):
+            raise SagConfigError(f"{net_dir / 'config.json'}: a Transformer2DModel is supported only as DiT "
+                                 f"(norm_type 'ada_norm_zero' with patch_size), not norm_type "
+                                 f"{cfg.get('norm_type')!r}")
+        cls_name = "DiTTransformer2DModel"  # what diffusers itself remaps it to
+    return FAMILIES[cls_name], cls_name
+
+
+def _unet_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype: torch.dtype,
+                 negative_prompt: str | None) -> dict[str, Any]:
+    """UNet2DModel (DDPM/DDIM pipelines, trained pixel UNets): unconditional, or class labels.
+
+    ``classes.json`` (written by experiments.train) names the classes and the null class, which is the last
+    embedding, used for classifier-free guidance; without it every embedding is a class.
+    """
+    if not cfg.get("num_class_embeds"):
+        return {"conditioning": "none"}
+    fields: dict[str, Any] = {"conditioning": "class", "num_classes": int(cfg["num_class_embeds"])}
+    classes_file = root / "classes.json"
+    if classes_file.is_file():
+        info = _read_json(classes_file)
+        fields["class_names"] = list(info.get("classes", [])) or None
+        null = info.get("null_class")
+        if null is not None:
+            if int(null) != fields["num_classes"] - 1:
+                raise SagConfigError(f"{classes_file}: null_class {null} is not the last of "
+                                     f"{fields['num_classes']} class embeddings")
+            fields.update(num_classes=fields["num_classes"] - 1, has_null_class=True)
+    return fields
+
+
+def _text_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype: torch.dtype,
+                 negative_prompt: str | None) -> dict[str, Any]:
+    """UNet2DConditionModel (Stable Diffusion): prompts through the pipeline's CLIP text encoder (a bare UNet
+    folder has none: pass embeddings as cond)."""
+    if not parts["index"]:
+        return {"conditioning": "text"}
+    encode_prompt = _load_text(root, parts, torch_dtype)
+    null_text = encode_prompt([negative_prompt or ""])  # (1, L, D), as encode_prompt's negative branch
+    return {"conditioning": "text", "encode_prompt": encode_prompt, "null_text": null_text}
+
+
+def _dit_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype: torch.dtype,
+                negative_prompt: str | None) -> dict[str, Any]:
+    """DiT: called as ``net(x, timestep=t, class_labels=y)``; latent x0 is never clipped."""
+    fields: dict[str, Any] = {"conditioning": "none", "call_style": "transformer", "clip_denoised": False}
+    if not cfg.get("num_embeds_ada_norm"):
+        return fields
+    # DiT's label embedding has one extra row (the CFG null class, label num_classes) when it was trained
+    # with class dropout, as every DiT: DiTPipeline passes label 1000 for the unconditional branch.
+    num_classes = int(cfg["num_embeds_ada_norm"])
+    rows = [m.embedding_table.num_embeddings for m in net.modules() if hasattr(m, "embedding_table")]
+    fields.update(conditioning="class", num_classes=num_classes, has_null_class=bool(rows) and rows[0] > num_classes)
+    id2label = parts["index"].get("id2label")
+    if isinstance(id2label, dict):
+        fields["class_names"] = [str(id2label.get(str(i), i)) for i in range(num_classes)]
+    return fields
+
+
+_FAMILY_FIELDS = {"unet": _unet_fields, "text": _text_fields, "dit": _dit_fields}
+
+
+# --- the shared parts ---------------------------------------------------------------------------------------
+def _torch_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, str(dtype), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise SagConfigError(f"dtype={dtype!r}; accepted: float32, float16, bfloat16")
+    return torch_dtype
+
+
+def _training_schedule(sched_dir: Path | None) -> tuple[dict, dict]:
+    """(the scheduler config, its training-schedule entries); diffusers' DDPM defaults when absent."""
+    sched_cfg = _read_json(sched_dir / "scheduler_config.json") if sched_dir else {}
+    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    return sched_cfg, {k: sched_cfg[k] for k in schedule_keys if k in sched_cfg}
+
+
+def _load_vae(root: Path, parts: dict, torch_dtype: torch.dtype) -> tuple[nn.Module | None, float]:
+    """(the pipeline's AutoencoderKL or None, its latent scaling factor)."""
+    if parts["vae"] is None:
+        return None, 1.0
+    vae_cls = _component(parts["index"], "vae")
+    if vae_cls != "AutoencoderKL":
+        raise SagConfigError(f"{root / 'model_index.json'}: vae {vae_cls!r} is not supported; accepted: "
+                             "['AutoencoderKL']")
+    vae = _load_diffusers_model("AutoencoderKL", parts["vae"], torch_dtype)
+    return vae, float(vae.config.get("scaling_factor", 0.18215))  # SD 1.x's factor when the config has none
+
+
 def load_diffusers_dir(
     path: str,
     prediction_type: str | None = None,
@@ -222,96 +325,34 @@ def load_diffusers_dir(
     """
     root = Path(path).expanduser()
     parts = _locate(root)
-    net_dir = parts["net"]
-    cfg = _read_json(net_dir / "config.json")
-    cls_name = cfg.get("_class_name")
-    if cls_name not in NET_CLASSES:
-        raise SagConfigError(f"{net_dir / 'config.json'}: _class_name {cls_name!r} is not one of {NET_CLASSES}")
-    is_dit = cls_name in DIT_CLASSES
-    if cls_name == "Transformer2DModel":
-        if cfg.get("norm_type") != "ada_norm_zero" or not cfg.get("patch_size"):
-            raise SagConfigError(f"{net_dir / 'config.json'}: a Transformer2DModel is supported only as DiT "
-                                 f"(norm_type 'ada_norm_zero' with patch_size), not norm_type "
-                                 f"{cfg.get('norm_type')!r}")
-        cls_name = "DiTTransformer2DModel"  # what diffusers itself remaps it to
-    if negative_prompt is not None and cls_name != "UNet2DConditionModel":
+    cfg = _read_json(parts["net"] / "config.json")
+    family, cls_name = _family(parts["net"], cfg)
+    if negative_prompt is not None and family != "text":
         raise SagConfigError(f"negative_prompt={negative_prompt!r} but {root} holds a {cls_name}, not a text model")
-    try:
-        torch_dtype = getattr(torch, dtype)
-        assert isinstance(torch_dtype, torch.dtype)
-    except (AttributeError, AssertionError):
-        raise SagConfigError(f"dtype={dtype!r}; accepted: float32, float16, bfloat16") from None
-    net = _load_diffusers_model(cls_name, net_dir, torch_dtype)
-
-    sched_dir = parts["scheduler"]
-    sched_cfg = _read_json(sched_dir / "scheduler_config.json") if sched_dir else {}
-    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    base = {k: sched_cfg[k] for k in schedule_keys if k in sched_cfg}
-    alphas_cumprod = diffusers.DDPMScheduler.from_config(base).alphas_cumprod.clone()
+    torch_dtype = _torch_dtype(dtype)
+    net = _load_diffusers_model(cls_name, parts["net"], torch_dtype)
+    sched_cfg, schedule = _training_schedule(parts["scheduler"])
+    vae, latent_scale = _load_vae(root, parts, torch_dtype)
+    fields = {"clip_denoised": vae is None, **_FAMILY_FIELDS[family](root, parts, cfg, net, torch_dtype,
+                                                                    negative_prompt)}
+    if clip_denoised is not None:
+        fields["clip_denoised"] = clip_denoised
     pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
     in_ch = int(cfg.get("in_channels", 3))
     out_ch = int(cfg.get("out_channels") or in_ch)
-    learned = out_ch == 2 * in_ch or sched_cfg.get("variance_type") in ("learned", "learned_range")
-
-    vae = None
-    latent_scale = 1.0
-    if parts["vae"] is not None:
-        vae_cls = _component(parts["index"], "vae")
-        if vae_cls != "AutoencoderKL":
-            raise SagConfigError(f"{root / 'model_index.json'}: vae {vae_cls!r} is not supported; accepted: "
-                                 "['AutoencoderKL']")
-        vae = _load_diffusers_model("AutoencoderKL", parts["vae"], torch_dtype)
-        latent_scale = float(vae.config.get("scaling_factor", 0.18215))
     size = cfg.get("sample_size", 32)
-    size = tuple(size) if isinstance(size, list | tuple) else (int(size), int(size))
-    conditioning = "text" if cls_name == "UNet2DConditionModel" else "none"
-    num_classes, has_null, class_names = None, False, None
-    null_text, encode_prompt = None, None
-    if cls_name == "UNet2DConditionModel" and parts["index"]:
-        encode_prompt = _load_text(root, parts, torch_dtype)
-        null_text = encode_prompt([negative_prompt or ""])  # (1, L, D), as encode_prompt's negative branch
-    if cls_name == "UNet2DModel" and cfg.get("num_class_embeds"):
-        conditioning, num_classes = "class", int(cfg["num_class_embeds"])
-        # classes.json (written by experiments.train) names the classes and the null class, which is
-        # the last embedding, used for classifier-free guidance; without it every embedding is a class.
-        classes_file = root / "classes.json"
-        if classes_file.is_file():
-            info = _read_json(classes_file)
-            class_names = list(info.get("classes", [])) or None
-            null = info.get("null_class")
-            if null is not None:
-                if int(null) != num_classes - 1:
-                    raise SagConfigError(f"{classes_file}: null_class {null} is not the last of "
-                                         f"{num_classes} class embeddings")
-                num_classes, has_null = num_classes - 1, True
-    if is_dit and cfg.get("num_embeds_ada_norm"):
-        # DiT's label embedding has one extra row (the CFG null class, label num_classes) when it was trained
-        # with class dropout, as every DiT: DiTPipeline passes label 1000 for the unconditional branch.
-        conditioning, num_classes = "class", int(cfg["num_embeds_ada_norm"])
-        rows = [m.embedding_table.num_embeddings for m in net.modules() if hasattr(m, "embedding_table")]
-        has_null = bool(rows) and rows[0] > num_classes
-        id2label = parts["index"].get("id2label")
-        if isinstance(id2label, dict):
-            class_names = [str(id2label.get(str(i), i)) for i in range(num_classes)]
     sampler = {k: sched_cfg[k] for k in SAMPLER_KEYS if k in sched_cfg} if vae is not None else {}
     return DiffusionModel(
         name=root.name,
         net=net,
-        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod=diffusers.DDPMScheduler.from_config(schedule).alphas_cumprod.clone(),
         prediction_type=pred,
-        learned_variance=learned,
-        conditioning=conditioning,
-        num_classes=num_classes,
-        has_null_class=has_null,
-        class_names=class_names,
-        null_text=null_text,
-        encode_prompt=encode_prompt,
+        learned_variance=out_ch == 2 * in_ch or sched_cfg.get("variance_type") in ("learned", "learned_range"),
         decoder=vae,
         latent_scale=latent_scale,
-        sample_size=size,
+        sample_size=tuple(size) if isinstance(size, list | tuple) else (int(size), int(size)),
         in_channels=in_ch,
-        clip_denoised=(vae is None and not is_dit) if clip_denoised is None else clip_denoised,
-        scheduler_config=dict(base, **sampler, prediction_type=pred),
+        scheduler_config=dict(schedule, **sampler, prediction_type=pred),
         source=str(root.resolve()),
-        call_style="transformer" if is_dit else "unet",
+        **fields,
     )
