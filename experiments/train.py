@@ -12,7 +12,7 @@ import json
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.common import user_errors
 from sag.training import train
@@ -22,7 +22,7 @@ from sag.training import train
 def main(cfg: DictConfig) -> None:
     out = HydraConfig.get().runtime.output_dir  # = out_dir, resolved once at startup
     with user_errors():
-        summary = train(cfg, out)
+        summary = train(OmegaConf.to_container(cfg, resolve=True), out)  # sag takes plain dicts
     print(json.dumps(summary, indent=2))
 
 

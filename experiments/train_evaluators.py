@@ -14,7 +14,7 @@ import json
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.common import check_positive, user_errors
 from sag.errors import SagConfigError
@@ -26,13 +26,14 @@ from sag.evaluators.train import train_evaluator
 def main(cfg: DictConfig) -> None:
     out = HydraConfig.get().runtime.output_dir  # = out_dir, resolved once at startup
     with user_errors():
-        torch.set_num_threads(check_positive("threads", cfg.threads))
-        kinds = list(cfg.kinds)
+        settings = OmegaConf.to_container(cfg, resolve=True)  # sag takes plain dicts
+        torch.set_num_threads(check_positive("threads", settings["threads"]))
+        kinds = list(settings["kinds"])
         bad = [k for k in kinds if k not in EVALUATORS]
         if bad or not kinds:
             raise SagConfigError(f"kinds={kinds}; accepted: a non-empty list of {sorted(EVALUATORS)}")
         for kind in kinds:
-            summary = train_evaluator(kind, cfg, out)
+            summary = train_evaluator(kind, settings, out)
             print(json.dumps(summary, indent=2), flush=True)
             print(f"{kind}: wrote {summary['weights']} and config.json", flush=True)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from sag.data import SHAPES
 from sag.errors import SagConfigError
@@ -21,9 +22,10 @@ TINY = ["unet.block_out_channels=[8,16,16]", "train.batch_size=4", "train.max_st
         "train.warmup_steps=2", "progress=false", "threads=1"]
 
 
-def tiny_cfg(*overrides: str):
+def tiny_cfg(*overrides: str) -> dict:
+    """The composed ``conf/train.yaml`` with the tiny overrides, as the plain dict the entry point passes."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[*TINY, *overrides])
+        return OmegaConf.to_container(compose(config_name="train", overrides=[*TINY, *overrides]), resolve=True)
 
 
 def _ckpt(out: Path) -> dict:
@@ -129,6 +131,7 @@ def test_init_from_starts_model_and_ema_at_the_exported_weights(tmp_path):
 
     warm = Trainer(tiny_cfg(f"init_from={first['export']}"), tmp_path / "b")
     exported = load_model("diffusers_dir", path=first["export"]).net.state_dict()
+    # atol 1e-6: float32-level slack; the weights only pass through a float32 safetensors save and load
     for name, value in warm.model.state_dict().items():
         assert torch.allclose(value, exported[name], atol=1e-6), name
         assert torch.allclose(warm.ema.state_dict()[name], exported[name], atol=1e-6), name

@@ -127,16 +127,8 @@ def _background(p: np.ndarray) -> np.ndarray:
     return (c0[:, :, None, None] + w[:, None] * (c1 - c0)[:, :, None, None]).astype(np.float32)
 
 
-def _draw(u: np.ndarray) -> dict[str, np.ndarray]:
-    """Draw scenes from their uniform draws ``u`` (m, _NPARAM + SIZE*SIZE)."""
-    m = len(u)
-    image = _background(u[:, :_BG])
-    bg_mean = (-0.7 + 1.4 * (u[:, 0:3] + u[:, 3:6]) / 2).astype(np.float32)
-    noise = u[:, _NPARAM:].reshape(m, SIZE, SIZE).astype(np.float32) * 2 - 1
-    texture = np.zeros((m, SIZE, SIZE), bool)
-    instance = np.zeros((m, SIZE, SIZE), np.uint8)
-
-    # --- textured background patches (not objects) --------------------------------------------------
+def _draw_patches(u: np.ndarray, image: np.ndarray, noise: np.ndarray, texture: np.ndarray) -> None:
+    """Add 0-2 textured background patches (not objects) to ``image`` and mark them in ``texture``."""
     col = _BG
     n_patches = np.minimum((u[:, col] * (MAX_PATCHES + 1)).astype(int), MAX_PATCHES)
     col += 1
@@ -152,9 +144,12 @@ def _draw(u: np.ndarray) -> dict[str, np.ndarray]:
         pattern = np.where(_col(kind) == 4, noise[rows] * 1.5, _texture(np.minimum(kind, 3), period, q[:, 7]))
         image[rows] += (rect * _col(amp) * pattern)[:, None]
         texture[rows] |= rect
-    col += MAX_PATCHES * _PATCH
 
-    # --- objects: the main (largest) one is drawn last --------------------------------------------------
+
+def _object_layout(u: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-object parameters: count, classes, target areas (the main object, drawn last, is the largest)."""
+    m = len(u)
+    col = _BG + 1 + MAX_PATCHES * _PATCH
     n_obj = 1 + np.minimum((u[:, col] * MAX_OBJECTS).astype(int), MAX_OBJECTS - 1)
     col += 1
     q_all = u[:, col: col + MAX_OBJECTS * _OBJ].reshape(m, MAX_OBJECTS, _OBJ)
@@ -163,33 +158,59 @@ def _draw(u: np.ndarray) -> dict[str, np.ndarray]:
     other_area = _OTHER_MIN_AREA + (0.75 * main_area[:, None] - _OTHER_MIN_AREA) * q_all[:, :, 1]
     is_main = np.arange(MAX_OBJECTS)[None] == (n_obj - 1)[:, None]
     active = np.arange(MAX_OBJECTS)[None] < n_obj[:, None]
-    area = np.where(is_main, main_area[:, None], other_area)
-    textured = (q_all[:, :, 6] < 0.5) & active
-    object_classes = np.where(active, classes, -1)
+    return {"q_all": q_all, "classes": classes, "active": active,
+            "area": np.where(is_main, main_area[:, None], other_area),
+            "textured": (q_all[:, :, 6] < 0.5) & active}
+
+
+def _object_mask(q: np.ndarray, cls: np.ndarray, area: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """(m, H, W) mask of one object slot: size from the target area, placed fully inside the image."""
+    m = len(q)
+    ring_ratio = 0.4 + 0.2 * q[:, 2]
+    size = np.sqrt(area / _shape_area_factor(cls, ring_ratio))
+    r = np.minimum(_bounding_radius(cls, size), SIZE / 2)
+    cx, cy = r + q[:, 3] * (SIZE - 2 * r), r + q[:, 4] * (SIZE - 2 * r)
+    angle = 2 * math.pi * q[:, 5]
+    mask = np.zeros((m, SIZE, SIZE), bool)
+    for c in range(len(SHAPES)):
+        idx = np.flatnonzero(active & (cls == c))
+        if len(idx):
+            mask[idx] = _shape_mask(c, cx[idx], cy[idx], size[idx], angle[idx], ring_ratio[idx])
+    return mask
+
+
+def _object_fill(q: np.ndarray, textured: np.ndarray, bg_mean: np.ndarray, shape: tuple) -> np.ndarray:
+    """(m, 3, H, W) fill of one object slot: a colour away from the background, textured or solid."""
+    # Colour: uniform in [-1, 1]^3, pushed away from the background mean when too close.
+    rgb = -1 + 2 * q[:, 7:10]
+    diff = rgb - bg_mean
+    close = np.abs(diff).max(1, keepdims=True) < 0.6
+    rgb = np.where(close, np.clip(bg_mean + 0.8 * np.where(diff >= 0, 1, -1), -1, 1), rgb)
+    amp = 0.3 + 0.25 * q[:, 10]  # texture contrast +-0.3..0.55
+    rgb = np.where(textured[:, None], np.clip(rgb, -1 + amp[:, None], 1 - amp[:, None]), rgb)
+    fill = np.broadcast_to(rgb[:, :, None, None].astype(np.float32), shape).copy()
+    tex = np.flatnonzero(textured)
+    kind, period = (q[tex, 11] * 4).astype(int), 2 + (q[tex, 12] * 3).astype(int)  # period 2..4 px
+    fill[tex] += (_col(amp[tex]) * _texture(kind, period, q[tex, 13]))[:, None]
+    return fill
+
+
+def _draw(u: np.ndarray) -> dict[str, np.ndarray]:
+    """Draw scenes from their uniform draws ``u`` (m, _NPARAM + SIZE*SIZE)."""
+    m = len(u)
+    image = _background(u[:, :_BG])
+    bg_mean = (-0.7 + 1.4 * (u[:, 0:3] + u[:, 3:6]) / 2).astype(np.float32)
+    noise = u[:, _NPARAM:].reshape(m, SIZE, SIZE).astype(np.float32) * 2 - 1
+    texture = np.zeros((m, SIZE, SIZE), bool)
+    instance = np.zeros((m, SIZE, SIZE), np.uint8)
+    _draw_patches(u, image, noise, texture)
+    # objects in instance order: later ones occlude earlier ones; the main (largest) one is drawn last
+    lay = _object_layout(u)
+    classes, textured = lay["classes"], lay["textured"]
     for j in range(MAX_OBJECTS):
-        q, cls = q_all[:, j], classes[:, j]
-        ring_ratio = 0.4 + 0.2 * q[:, 2]
-        size = np.sqrt(area[:, j] / _shape_area_factor(cls, ring_ratio))
-        r = np.minimum(_bounding_radius(cls, size), SIZE / 2)
-        cx, cy = r + q[:, 3] * (SIZE - 2 * r), r + q[:, 4] * (SIZE - 2 * r)
-        angle = 2 * math.pi * q[:, 5]
-        mask = np.zeros((m, SIZE, SIZE), bool)
-        for c in range(len(SHAPES)):
-            idx = np.flatnonzero(active[:, j] & (cls == c))
-            if len(idx):
-                mask[idx] = _shape_mask(c, cx[idx], cy[idx], size[idx], angle[idx], ring_ratio[idx])
-        # Colour: uniform in [-1, 1]^3, pushed away from the background mean when too close.
-        rgb = -1 + 2 * q[:, 7:10]
-        diff = rgb - bg_mean
-        close = np.abs(diff).max(1, keepdims=True) < 0.6
-        rgb = np.where(close, np.clip(bg_mean + 0.8 * np.where(diff >= 0, 1, -1), -1, 1), rgb)
-        amp = 0.3 + 0.25 * q[:, 10]  # texture contrast +-0.3..0.55
-        rgb = np.where(textured[:, j, None], np.clip(rgb, -1 + amp[:, None], 1 - amp[:, None]), rgb)
-        fill = np.broadcast_to(rgb[:, :, None, None].astype(np.float32), image.shape).copy()
-        tex = np.flatnonzero(textured[:, j])
-        kind, period = (q[tex, 11] * 4).astype(int), 2 + (q[tex, 12] * 3).astype(int)  # period 2..4 px
-        fill[tex] += (_col(amp[tex]) * _texture(kind, period, q[tex, 13]))[:, None]
-        np.copyto(image, fill, where=mask[:, None])
+        q = lay["q_all"][:, j]
+        mask = _object_mask(q, classes[:, j], lay["area"][:, j], lay["active"][:, j])
+        np.copyto(image, _object_fill(q, textured[:, j], bg_mean, image.shape), where=mask[:, None])
         texture[mask] = textured[:, j].repeat(SIZE * SIZE).reshape(m, SIZE, SIZE)[mask]
         instance[mask] = j + 1
 
@@ -201,7 +222,7 @@ def _draw(u: np.ndarray) -> dict[str, np.ndarray]:
         "texture_mask": texture,
         "label": label.astype(np.int64),
         "object_mask": instance > 0,
-        "object_classes": object_classes.astype(np.int64),
+        "object_classes": np.where(lay["active"], classes, -1).astype(np.int64),
         "object_textured": textured,
     }
 

@@ -14,24 +14,22 @@ generator was fit to.
 
 Optimiser: AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``. The decay follows whichever
 budget is closer to running out, ``steps`` or ``max_minutes`` (so a time-limited run still ends at a small
-learning rate); with ``max_minutes: null`` a run is a deterministic function of its config.
+learning rate); with ``max_minutes: null`` a run is a deterministic function of its config. The loop
+(budgets, progress bar, loss log, SIGTERM / Ctrl-C) is :func:`sag.train_loop.run_loop`; this module supplies
+each kind's batch and loss of step ``k``.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from sag.data.scenes import SHAPES, make_scenes
 from sag.errors import SagConfigError
@@ -40,19 +38,16 @@ from sag.evaluators.metrics import accuracy, frechet_distance, mask_iou
 from sag.evaluators.nets import EVALUATORS, build_evaluator, num_parameters
 from sag.models.tiny import PIXEL_SCHEDULE, _alphas_cumprod
 from sag.schedule import VPSchedule
+from sag.train_loop import LoopSettings, LoopState, pool_indices, run_loop, seed_from, write_loss_csv
 
 EVAL_BATCH = 250
-LOG_COLUMNS = ("step", "loss", "lr", "wall_s")
+LOG_COLUMNS = ("step", "loss", "lr", "wall_s")  # of loss.csv (a subset of sag.train_loop.LOG_COLUMNS)
+LOSS_SMOOTHING = 0.95  # final_loss = the loss smoothed as s = 0.95 s + 0.05 loss
 
 
 def pixel_schedule() -> VPSchedule:
     """The VP schedule the noisy classifier is trained under (DDPM linear betas 1e-4..0.02, 1000 steps)."""
     return VPSchedule(_alphas_cumprod(PIXEL_SCHEDULE))
-
-
-def _seed_from(*words: int) -> int:
-    state = np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
 
 
 def _positive_int(name: str, v) -> int:
@@ -61,19 +56,15 @@ def _positive_int(name: str, v) -> int:
     return v
 
 
-def _settings(kind: str, cfg) -> dict[str, Any]:
-    """Validated plain-dict settings of one kind (top-level keys plus the ``cfg[kind]`` section)."""
+def _settings(kind: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated settings of one kind (top-level keys plus the ``cfg[kind]`` section), as a new dict."""
     if kind not in EVALUATORS:
         raise SagConfigError(f"evaluator kind {kind!r}; accepted: {sorted(EVALUATORS)}")
     if kind not in cfg:
         raise SagConfigError(f"the config has no section {kind!r}")
-
-    def plain(v):  # resolve only what is used (a composed config may hold unresolvable hydra.* nodes)
-        return OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig | ListConfig) else v
-
-    s = {k: plain(cfg.get(k, d)) for k, d in (("seed", 0), ("data_seed", 1), ("eval_seed", 2),
-                                              ("eval_size", 2000), ("t_buckets", [0, 250, 500, 750, 1000]))}
-    s.update(plain(cfg[kind]))
+    s = {k: cfg.get(k, d) for k, d in (("seed", 0), ("data_seed", 1), ("eval_seed", 2),
+                                       ("eval_size", 2000), ("t_buckets", [0, 250, 500, 750, 1000]))}
+    s.update(cfg[kind])
     missing = [k for k in ("steps", "batch_size", "lr") if k not in s]
     if missing:
         raise SagConfigError(f"{kind} section lacks {missing}")
@@ -125,13 +116,6 @@ def _warm_start(model, init_from: str, out_dir: Path) -> dict[str, Any]:
     return {"path": str(src), "tensors": len(take), "of": len(own)}
 
 
-def lr_factor(step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from 1 to ``min_ratio`` as progress goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
-    cos = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return warm * cos
-
-
 def _batch(kind: str, s: dict, step: int, schedule: VPSchedule | None, pool: dict | None = None):
     """(input, target, t or None) of training step ``step``: a pure function of (seeds, step).
 
@@ -141,12 +125,12 @@ def _batch(kind: str, s: dict, step: int, schedule: VPSchedule | None, pool: dic
     if pool is None:
         d = make_scenes(s["data_seed"], step * b, b)
     else:
-        idx = np.random.default_rng([s["data_seed"], step, 1]).integers(0, len(pool["label"]), b)
+        idx = pool_indices(s["data_seed"], step, len(pool["label"]), b)
         d = {k: pool[k][idx] for k in ("image", "label", "object_mask")}
     x = torch.from_numpy(d["image"])
     target = torch.from_numpy(d["object_mask"]).float()[:, None] if kind == "segmenter" else torch.from_numpy(
         d["label"])
-    g = torch.Generator().manual_seed(_seed_from(s["seed"], step))
+    g = torch.Generator().manual_seed(seed_from(s["seed"], step))
     if s["flip"]:
         flip = torch.rand(b, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -189,7 +173,7 @@ def evaluate(kind: str, model, s: dict) -> dict[str, Any]:
         schedule = pixel_schedule()
         labels = torch.from_numpy(d["label"])
         edges = s["t_buckets"]
-        g = torch.Generator().manual_seed(_seed_from(s["eval_seed"], 7))
+        g = torch.Generator().manual_seed(seed_from(s["eval_seed"], 7))
         per_bucket, t0_logits = {}, []
         for lo, hi in zip(edges, edges[1:]):
             t = lo + torch.rand(n, generator=g, dtype=torch.float64) * (min(hi, 1000) - lo)
@@ -212,81 +196,63 @@ def evaluate(kind: str, model, s: dict) -> dict[str, Any]:
     return out
 
 
-def _write_log(path: Path, rows: list[list[float]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(LOG_COLUMNS)
-        for row in rows:
-            w.writerow([int(row[0]), *(f"{v:.6g}" for v in row[1:])])
-    os.replace(tmp, path)
-
-
-def train_evaluator(kind: str, cfg, out_dir: str | Path, progress: bool | None = None) -> dict[str, Any]:
-    """Train one evaluator, measure it on held-out scenes and save it to ``<out_dir>/<kind>/``.
-
-    ``cfg`` (DictConfig or dict): top-level ``seed``, ``data_seed``, ``eval_seed``, ``eval_size``,
-    ``t_buckets``, ``progress`` and a section ``cfg[kind]`` with ``arch`` (constructor arguments),
-    ``steps``, ``batch_size``, ``lr``, ``max_minutes`` (null: no time budget) and optionally
-    ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``grad_clip``, ``flip``, ``init_from`` (warm start,
-    see :func:`_warm_start`), ``pool_size`` (0: fresh scenes every step; N: draw from N fixed scenes). Writes
-    ``model.safetensors``, ``config.json`` (architecture, training settings, held-out metrics) and
-    ``loss.csv``. Returns a summary dict. Ctrl-C stops training early; the model is still evaluated and saved.
-    """
-    s = _settings(kind, cfg)
-    out = Path(out_dir) / kind
+def _build(kind: str, s: dict[str, Any], out_dir: Path):
+    """(model at its seeded init or warm start, warm-start info or None)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(s["seed"]))
         model = build_evaluator(kind, **s["arch"])
-    warm = _warm_start(model, s["init_from"], Path(out_dir)) if s["init_from"] else None
+    warm = _warm_start(model, s["init_from"], out_dir) if s["init_from"] else None
+    return model, warm
+
+
+def _loop_settings(kind: str, s: dict[str, Any], progress: bool) -> LoopSettings:
+    """Warmup then cosine decay to ``min_lr_ratio * lr`` over the closer of ``steps`` / ``max_minutes``."""
+    return LoopSettings(max_steps=s["steps"], lr=float(s["lr"]), warmup_steps=s["warmup_steps"],
+                        min_lr_ratio=float(s["min_lr_ratio"]), max_minutes=s.get("max_minutes"),
+                        grad_clip=s["grad_clip"], smoothing=LOSS_SMOOTHING, progress=progress, desc=kind)
+
+
+def train_evaluator(kind: str, cfg: Mapping[str, Any], out_dir: str | Path,
+                    progress: bool | None = None) -> dict[str, Any]:
+    """Train one evaluator, measure it on held-out scenes and save it to ``<out_dir>/<kind>/``.
+
+    ``cfg`` (a plain dict, e.g. ``OmegaConf.to_container(cfg, resolve=True)``): top-level ``seed``,
+    ``data_seed``, ``eval_seed``, ``eval_size``, ``t_buckets``, ``progress`` and a section ``cfg[kind]`` with
+    ``arch`` (constructor arguments), ``steps``, ``batch_size``, ``lr``, ``max_minutes`` (null: no time
+    budget) and optionally ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``grad_clip``, ``flip``,
+    ``init_from`` (warm start, see :func:`_warm_start`), ``pool_size`` (0: fresh scenes every step; N: draw
+    from N fixed scenes). Writes ``model.safetensors``, ``config.json`` (architecture, training settings,
+    held-out metrics) and ``loss.csv``. Returns a summary dict. Ctrl-C / SIGTERM stop training early; the
+    model is still evaluated and saved.
+    """
+    s = _settings(kind, cfg)
+    model, warm = _build(kind, s, Path(out_dir))
     opt = torch.optim.AdamW(model.parameters(), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
     schedule = pixel_schedule() if kind == "noisy_classifier" else None
     pool = make_scenes(s["data_seed"], 0, s["pool_size"]) if s["pool_size"] else None
-    steps = s["steps"]
-    budget_s = 60 * float(s["max_minutes"]) if s.get("max_minutes") is not None else math.inf
     if progress is None:
-        progress = bool(cfg.get("progress", True)) if hasattr(cfg, "get") else True
-    log: list[list[float]] = []
-    bar = tqdm(total=steps, desc=kind, disable=not progress, dynamic_ncols=True)
-    start, step, reason, smooth = time.monotonic(), 0, "steps", None
-    model.train()
-    try:
-        while step < steps:
-            elapsed = time.monotonic() - start
-            if elapsed >= budget_s:
-                reason = "max_minutes"
-                break
-            lr = float(s["lr"]) * lr_factor(step, max(step / steps, elapsed / budget_s), s["warmup_steps"],
-                                             float(s["min_lr_ratio"]))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, target, t = _batch(kind, s, step, schedule, pool)
-            loss = _loss(kind, model, x, target, t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(s["grad_clip"]))
-            opt.step()
-            step += 1
-            value = float(loss.detach())
-            smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-            log.append([step, value, lr, time.monotonic() - start])
-            bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
-    except KeyboardInterrupt:
-        reason = "interrupted"
-    finally:
-        bar.close()
+        progress = bool(cfg.get("progress", True))
+    state, start = LoopState(), time.monotonic()
+    reason = run_loop(model, opt, lambda k: _loss(kind, model, *_batch(kind, s, k, schedule, pool)), state,
+                      _loop_settings(kind, s, progress))
+    reason = "steps" if reason == "max_steps" else reason  # the evaluator configs call the step budget `steps`
     train_s = time.monotonic() - start
+    return _evaluate_and_save(kind, model, s, state, reason, train_s, warm, Path(out_dir) / kind)
+
+
+def _evaluate_and_save(kind: str, model, s: dict[str, Any], state: LoopState, reason: str, train_s: float,
+                       warm: dict | None, out: Path) -> dict[str, Any]:
+    """Held-out metrics, then ``loss.csv``, ``model.safetensors`` and ``config.json`` in ``out``."""
     t0 = time.monotonic()
     metrics = evaluate(kind, model, s)
     eval_s = time.monotonic() - t0
+    step = state.step
     training = {k: v for k, v in s.items() if k not in ("arch", "eval_size", "eval_seed", "t_buckets")}
     training.update(steps_done=step, stopped_by=reason, train_s=round(train_s, 1),
-                    examples_seen=step * s["batch_size"], final_loss=smooth, warm_start=warm,
+                    examples_seen=step * s["batch_size"], final_loss=state.ema_loss, warm_start=warm,
                     schedule=dict(PIXEL_SCHEDULE) if kind == "noisy_classifier" else None)
     out.mkdir(parents=True, exist_ok=True)
-    _write_log(out / "loss.csv", log)
+    write_loss_csv(out / "loss.csv", state.log, LOG_COLUMNS)
     weights = save_evaluator(model, out, info={"training": training, "metrics": metrics})
     return {"kind": kind, "out_dir": str(out), "weights": str(weights), "weights_bytes": weights.stat().st_size,
             "parameters": num_parameters(model), "steps": step, "stopped_by": reason,
