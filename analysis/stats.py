@@ -6,7 +6,8 @@ images. Pairs with a missing value (e.g. an image whose mask at psi = 1.3 is emp
 comparison and ``n`` says how many pairs were used.
 
 * :func:`bootstrap_ci`: percentile bootstrap of the mean paired difference and of the relative difference
-  100 (mean a - mean b) / mean b, ``n_boot`` resamples from one seeded generator, vectorised.
+  100 (mean a - mean b) / mean b, ``n_boot`` resamples from one seeded generator, vectorised. (The quality
+  metrics' interval of already resampled values is :func:`sag.evaluators.quality.percentile_interval`.)
 * :func:`paired_p`: two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``; exact for small n, p = 1
   when every difference is 0) or a sign-flip permutation test of the mean difference.
 * :func:`holm`: Holm's step-down adjustment (Holm 1979), written out because statsmodels is not a dependency

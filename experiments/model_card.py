@@ -4,8 +4,9 @@
 
 1. Sample n class-conditional images (labels = seed % classes, guidance off, DDIM) from seeds 0..n-1.
 2. Top-1 accuracy of the domain classifier on the requested labels (chance = 1 / classes).
-3. Frechet distance in the domain classifier's 128-d feature space between the samples and n held-out
-   scenes, next to the floor: the same distance between two disjoint held-out sets of n scenes.
+3. Frechet distance (:func:`sag.evaluators.frechet_distance`, the code behind ``tables/quality.parquet``) in
+   the domain classifier's 128-d feature space between the samples and n held-out scenes, next to the floor:
+   the same distance between two disjoint held-out sets of n scenes.
    Held-out scenes come from data seed 3, which neither the diffusion model (seed 0) nor the evaluators
    (seeds 1, 2) saw.
 Writes the metrics as JSON and a labelled sample grid (one row per class).
@@ -24,6 +25,7 @@ import torch
 
 from sag.data import SHAPES, make_scenes
 from sag.evaluators import accuracy, frechet_distance, load_evaluator
+from sag.io import atomic_write_text
 from sag.models import load_model
 from sag.runs import save_grid, to_uint8
 from sag.sampling import sample
@@ -79,7 +81,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out, json.dumps(metrics, indent=2))
     # grid: one row per class, 8 samples each
     rows = [images[labels == c][:8] for c in range(model.num_classes)]
     grid = to_uint8(torch.cat(rows).cpu()).repeat(2, axis=1).repeat(2, axis=2)

@@ -4,9 +4,15 @@ masks, and object masks of generated samples from the domain segmenter.
 ``probe_scenes`` noises dataset scenes to chosen timesteps t (q(x_t | x_0), one seeded noise per scene and t),
 runs ONE model call per (batch, t) under :func:`sag.capture.capture_attention`, and writes
 
-    <out>/records/    the sag.records format (``step`` k = the k-th t, ``seed`` = the scene index, x0 = the
-                      clean scene), read by analysis like any sampling run
-    <out>/masks.npz   seeds, object_mask, texture_mask (n, H, W) bool, label (n,), image (n, 3, H, W), t (k,)
+    <out>/records/    the sag.records format, read by analysis like any sampling run (x0 = the clean scene)
+    <out>/masks.npz   scene_index (n,), object_mask, texture_mask (n, H, W) bool, label (n,), image (n, 3, H, W),
+                      t (k,)
+
+There is no sampler here, so two names of the record format are borrowed, in this one place: the records'
+``seed`` column holds the **scene index** (``scene_index``, the scene's position in dataset ``data_seed``) and
+their ``step`` column the **t index** (``t_index`` = k, the position of t in ``ts``; the records' ``t`` column
+holds t itself). :func:`analysis.driver.scene_correlation` reads them back under those names; the
+``object_correlation`` rows of mode "scenes" keep the table's ``seed`` / ``step`` columns with these meanings.
 
 ``segment_images`` / ``write_sample_masks`` run the shipped object segmenter (the stand-in for the paper's
 Mask R-CNN) on generated images and store the masks as ``.npz`` (seeds, object_mask) for the analysis.
@@ -23,10 +29,12 @@ import torch
 from sag.capture import capture_attention
 from sag.data.scenes import SIZE, make_scenes
 from sag.errors import SagConfigError
+from sag.io import atomic_path
 from sag.models.base import DiffusionModel
 from sag.records import RecordWriter
 
 MASKS_FILE = "masks.npz"
+RECORD_KEYS = {"seed": "scene_index", "step": "t_index"}  # what the probe's records' seed / step columns hold
 
 
 def _check_scene_model(model: DiffusionModel, what: str) -> None:
@@ -57,15 +65,16 @@ def probe_scenes(model: DiffusionModel, out_dir: str | Path, *, layers: Sequence
         raise SagConfigError(f"scene timesteps {list(ts)}; accepted: a non-empty list in [0, {n_train})")
     out = Path(out_dir)
     scenes = make_scenes(data_seed, start, count)
-    seeds = list(range(start, start + count))
+    scene_index = list(range(start, start + count))
     writer = RecordWriter(out / "records", dtype, meta={"probe": "scenes", "model": model.describe(),
                                                         "data_seed": data_seed, "t": [float(t) for t in ts],
-                                                        "layers": list(layers), "noise_seed": noise_seed})
+                                                        "layers": list(layers), "noise_seed": noise_seed,
+                                                        "record_keys": RECORD_KEYS})
     x0_all = torch.from_numpy(scenes["image"])
     labels = torch.from_numpy(scenes["label"])
     with capture_attention(model.net, list(layers), list(reductions)) as store:
         for bi, lo in enumerate(range(0, count, batch_size)):
-            idx = seeds[lo: lo + batch_size]
+            idx = scene_index[lo: lo + batch_size]
             x0 = x0_all[lo: lo + batch_size].to(model.device, model.dtype)
             cond = labels[lo: lo + batch_size].to(model.device) if model.conditioning == "class" else None
             for k, t in enumerate(ts):
@@ -74,14 +83,20 @@ def probe_scenes(model: DiffusionModel, out_dir: str | Path, *, layers: Sequence
                 x_t = model.schedule.add_noise(x0, eps, tt)  # q(x_t | x_0)
                 store.pop()
                 model(x_t, tt, cond)
+                # RECORD_KEYS: the record's step is the t index k, its seeds the scene indices
                 writer.write_step(batch_index=bi, step=k, num_steps=len(ts), t=tt.cpu(), seeds=idx,
                                   records=store.pop(), extras={"x0": x0})
     writer.close()
-    np.savez_compressed(out / MASKS_FILE, seeds=np.asarray(seeds), object_mask=scenes["object_mask"],
-                        texture_mask=scenes["texture_mask"], label=scenes["label"],
-                        image=scenes["image"],
-                        t=np.asarray([float(t) for t in ts]))
+    _savez(out / MASKS_FILE, scene_index=np.asarray(scene_index), object_mask=scenes["object_mask"],
+           texture_mask=scenes["texture_mask"], label=scenes["label"], image=scenes["image"],
+           t=np.asarray([float(t) for t in ts]))
     return out
+
+
+def _savez(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` written atomically (through an open file: numpy would append .npz to a temp name)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 @torch.no_grad()
@@ -102,7 +117,5 @@ def write_sample_masks(path: str | Path, seeds: Sequence[int], images: np.ndarra
     """Segment generated ``images`` and store ``seeds`` and ``object_mask`` in ``path`` (.npz)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, seeds=np.asarray(seeds), object_mask=segment_images(images))
-    tmp.replace(path)
+    _savez(path, seeds=np.asarray(seeds), object_mask=segment_images(images))
     return path

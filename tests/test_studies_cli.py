@@ -1,4 +1,4 @@
-"""experiments.studies end to end (slow) and its one-line errors for bad input."""
+"""experiments.studies end to end (slow), its one-line errors for bad input, and the driver's own checks."""
 
 import subprocess
 import sys
@@ -6,8 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+from analysis.driver import ClaimsSettings, StudiesResult, check_studies
 from analysis.schemas import TABLES
 from analysis.tables import read_table
+from sag.errors import SagConfigError
 
 
 def studies(*args, cwd=None):
@@ -24,6 +26,25 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     res = studies("debug=tiny", f"run_dir={tmp_path / 'run'}", "analysis.psis=[1.0,0]",
                   f"paths.output_dir={tmp_path / 'out'}")
     assert res.returncode == 2 and "psi=0.0" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_driver_checks_names_and_claims_settings():
+    assert check_studies(("timesteps",), ("samples",)) == (["timesteps"], ["samples"])
+    with pytest.raises(SagConfigError, match=r"\['colour'\]"):
+        check_studies(["colour"], ["samples"])
+    with pytest.raises(SagConfigError, match="claims.step='first'"):
+        ClaimsSettings(min_n=10, step="first")
+    assert ClaimsSettings(min_n=10, step=3).step == 3
+
+
+def test_samples_analysis_time_counts_stats_only_without_the_scenes_mode():
+    times = {"timesteps": 1.0, "frequency": 2.0, "segmenter": 50.0, "correlation_samples": 4.0, "stats": 8.0}
+    alone = StudiesResult({}, dict(times), n_seeds=4, n_steps=2, capture_s=None)
+    assert alone.samples_analysis_s() == 15.0  # exact: sums of small integers in float64
+    both = StudiesResult({}, {**times, "scenes_probe": 9.0, "correlation_scenes": 3.0}, 4, 2, 1.5)
+    assert both.samples_analysis_s() == 7.0
+    assert both.timing_lines()[0] == "capture of 4 samples x 2 steps: 1.50 s (run.json wall_s)"
+    assert both.timing_lines()[1].startswith("analysis of those samples: 7.00 s; all timings: timesteps 1.00 s")
 
 
 @pytest.mark.slow

@@ -1,4 +1,8 @@
-"""analysis.stats and analysis.claims on inputs with known answers."""
+"""analysis.stats and analysis.claims on inputs with known answers.
+
+Tolerances: known answers are products/sums of a few float64 numbers, so numpy's and pytest's default relative
+tolerances (1e-7, 1e-6) are round-off bounds; vectorised vs one-by-one results differ by reordered sums only.
+"""
 
 import numpy as np
 import pandas as pd
@@ -22,7 +26,7 @@ from analysis.stats import (
 
 def test_holm_on_known_p_values():
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.06
-    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])  # float64 products
     np.testing.assert_allclose(holm([0.5, 0.9]), [1.0, 1.0])  # step-down keeps the order monotone
     out = holm([0.01, np.nan, 0.02])  # NaN kept, not counted in m
     assert np.isnan(out[1]) and out[0] == pytest.approx(0.02) and out[2] == pytest.approx(0.02)
@@ -55,7 +59,7 @@ def test_paired_tests_detect_a_shift_and_not_a_shuffle():
     assert paired_p(b, b) == 1.0
     assert paired_p(rng.permutation(b), b) > 0.05
     d = rng.normal(size=12)
-    assert paired_p(d, np.zeros(12)) == pytest.approx(wilcoxon(d).pvalue)
+    assert paired_p(d, np.zeros(12)) == pytest.approx(wilcoxon(d).pvalue)  # the same scipy call underneath
 
 
 def test_shuffled_attention_is_not_significantly_better_than_random_masks():
@@ -86,7 +90,7 @@ def test_vectorised_comparisons_equal_one_by_one():
     for i in (0, 2, 4, 5, 9):
         one = compare(a[i], b[i], n_boot=500)
         for k in ("n", "effect", "ci_low", "ci_high", "rel_ci_low", "p"):
-            assert res.loc[i, k] == pytest.approx(one[k], nan_ok=True)
+            assert res.loc[i, k] == pytest.approx(one[k], nan_ok=True)  # matrix product vs sums: reordering only
 
 
 def test_compare_groups_refuses_duplicates():
@@ -148,7 +152,7 @@ def test_batched_wilcoxon_matches_scipy_with_zeros_and_ties():
     d[11, :2] = 0.0  # zeros without ties: exact on the rest
     res = compare_arrays(d, np.zeros_like(d), n_boot=50)
     want = [1.0 if not d[i].any() else wilcoxon(d[i], zero_method="wilcox").pvalue for i in range(40)]
-    np.testing.assert_allclose(res.p, want, rtol=1e-10)
+    np.testing.assert_allclose(res.p, want, rtol=1e-10)  # same formulas, batched: float64 round-off
 
 
 def test_overall_n_ignores_scopes_without_data():

@@ -5,8 +5,10 @@
 * :class:`NoisyClassifier`: the same on noisy ``x_t`` at timestep ``t`` (PIXEL_SCHEDULE), for classifier
   guidance.
 * :class:`ObjectSegmenter`: binary object mask of a clean image (stand-in for Mask R-CNN).
-* :mod:`sag.evaluators.quality`: FD (torchmetrics), improved precision/recall, class accuracy and an IS-style
-  score on any feature extractor, with bootstrap CIs over seeds; Inception FID/IS from a local weights file.
+* :func:`frechet_distance` (:mod:`sag.evaluators.metrics`): the one Frechet distance (torchmetrics), for the
+  quality table, the model card and the evaluators' held-out check.
+* :mod:`sag.evaluators.quality`: FD, improved precision/recall, class accuracy and an IS-style score on any
+  feature extractor, with bootstrap percentile intervals over seeds; Inception FID/IS from a local weights file.
 
 Saved as ``model.safetensors`` + ``config.json`` (:func:`save_evaluator` / :func:`load_evaluator`); trained by
 :func:`sag.evaluators.train.train_evaluator` (``python -m experiments.train_evaluators``).
@@ -15,7 +17,7 @@ Saved as ``model.safetensors`` + ``config.json`` (:func:`save_evaluator` / :func
 from __future__ import annotations
 
 from sag.evaluators.io import load_evaluator, load_noisy_classifier, read_config, save_evaluator
-from sag.evaluators.metrics import accuracy, frechet_distance, frechet_distance_from_stats, mask_iou
+from sag.evaluators.metrics import accuracy, frechet_distance, mask_iou
 from sag.evaluators.nets import (
     EVALUATORS,
     DomainClassifier,
@@ -25,12 +27,11 @@ from sag.evaluators.nets import (
     num_parameters,
 )
 from sag.evaluators.quality import (
-    bootstrap_ci,
     class_accuracy,
     extract,
-    fd_score,
     inception_metrics,
     is_score,
+    percentile_interval,
     precision_recall,
     quality_metrics,
 )
@@ -41,19 +42,17 @@ __all__ = [
     "NoisyClassifier",
     "ObjectSegmenter",
     "accuracy",
-    "bootstrap_ci",
     "build_evaluator",
     "class_accuracy",
     "extract",
-    "fd_score",
     "frechet_distance",
-    "frechet_distance_from_stats",
     "inception_metrics",
     "is_score",
     "load_evaluator",
     "load_noisy_classifier",
     "mask_iou",
     "num_parameters",
+    "percentile_interval",
     "precision_recall",
     "quality_metrics",
     "read_config",

@@ -1,8 +1,9 @@
 """Sample-quality metrics on any feature extractor, with bootstrap confidence intervals over seeds.
 
-* Frechet distance (FD): torchmetrics' :class:`~torchmetrics.image.fid.FrechetInceptionDistance` with a
-  custom ``feature`` module (Heusel et al. 2017, Eq. 6; on the domain classifier's 128-d features it is the
-  domain analogue of FID). No matrix square root is written here: torchmetrics computes the trace term.
+* Frechet distance (FD): :func:`sag.evaluators.metrics.frechet_distance`, torchmetrics'
+  :class:`~torchmetrics.image.fid.FrechetInceptionDistance` over precomputed features (Heusel et al. 2017,
+  Eq. 6; on the domain classifier's 128-d features it is the domain analogue of FID). No matrix square root is
+  written here: torchmetrics computes the trace term.
 * Improved precision and recall (Kynkaanniemi et al. 2019, "Improved precision and recall metric for
   assessing generative models", Sec. 3): each set's manifold is the union of balls around its points with
   radius = distance to the k-th nearest neighbour (k = 3, the paper's default); precision = fraction of
@@ -14,11 +15,12 @@
 * Standard Inception FID / IS only from a local Inception weights file (:func:`inception_metrics`); nothing is
   ever downloaded.
 
-Bootstrap (:func:`bootstrap_ci`): generated images are resampled with replacement by a seeded rng (the same
+Bootstrap (:func:`percentile_interval`): generated images are resampled with replacement by a seeded rng (the same
 index draws for every metric and every guidance setting, so comparisons stay paired); FD, precision and recall
 are recomputed on each resample. The reference set stays fixed. Precision/recall keep each generated image's
 k-NN radius from the full set, so duplicated draws do not shrink the generated manifold. Intervals are
-percentile intervals shifted by the bootstrap bias (see :func:`bootstrap_ci`); ``boot_bias`` reports it.
+percentile intervals shifted by the bootstrap bias (see :func:`percentile_interval`); ``boot_bias`` reports it.
+(:func:`analysis.stats.bootstrap_ci` is another thing: the CI of a mean paired difference over images.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from sag.errors import SagConfigError
+from sag.evaluators.metrics import fd_metric
 
 METRICS = ("fd", "precision", "recall", "class_accuracy", "is_score")
 
@@ -53,35 +56,6 @@ class FeatureModule(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         return self.extractor.features(images)
-
-
-class PrecomputedFeatures(nn.Module):
-    """Identity ``feature`` module: ``update`` receives features (n, d), so a bootstrap resample costs no
-    forward pass."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = int(num_features)
-
-    def forward(self, feats: Tensor) -> Tensor:
-        return feats
-
-
-def fd_metric(num_features: int) -> FrechetInceptionDistance:
-    """torchmetrics FD over precomputed features; the real statistics survive ``reset()``."""
-    return FrechetInceptionDistance(feature=PrecomputedFeatures(num_features), reset_real_features=False)
-
-
-def fd_score(feats_real, feats_fake) -> float:
-    """Frechet distance between Gaussians fitted to (n_a, d) and (n_b, d) feature sets (torchmetrics, float64).
-    Like FID it is biased upwards for finite n: compare values from equally many samples."""
-    real, fake = _f64(feats_real), _f64(feats_fake)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or min(len(real), len(fake)) < 2:
-        raise ValueError(f"features {tuple(real.shape)} and {tuple(fake.shape)}; accepted: (n, d) with n >= 2")
-    m = fd_metric(real.shape[1])
-    m.update(real, real=True)
-    m.update(fake, real=False)
-    return float(m.compute())
 
 
 def knn_radii(feats: Tensor, k: int = 3, batch: int = 1024) -> Tensor:
@@ -138,7 +112,7 @@ def bootstrap_indices(n: int, draws: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(draws, n))
 
 
-def bootstrap_ci(values, estimate: float | None = None, alpha: float = 0.05) -> tuple[float, float]:
+def percentile_interval(values, estimate: float | None = None, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile interval (Efron & Tibshirani 1993, Sec. 13.3) of bootstrap ``values``; NaN if none.
 
     With ``estimate``, the interval is shifted by the bootstrap bias estimate mean(values) - estimate (Sec. 10.6):
@@ -168,7 +142,7 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
 
     def add(metric, value, boots, low=0.0, high=math.inf):
         value, boots = float(value), np.asarray(boots, dtype=np.float64)
-        lo, hi = bootstrap_ci(boots, value, alpha)
+        lo, hi = percentile_interval(boots, value, alpha)
         lo, hi = max(lo, low), min(hi, high)  # the shift must not leave the metric's range
         rows.append({"metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "n": n, "draws": len(boots),
                      "boot_bias": float(boots.mean() - value) if len(boots) else math.nan})

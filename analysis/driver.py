@@ -1,0 +1,208 @@
+"""The attention studies driver: one capture run dir -> every study table (paper Sec. 2).
+
+:func:`run_studies` is what ``python -m experiments.studies`` runs (and what a notebook or script can call
+without Hydra): it reads ``records/`` (sag.records) and the final images ``samples/*.png`` of a capture run,
+runs the requested studies (:mod:`analysis.studies`: attention over timesteps, Exp. B frequency, Exp. C
+objects), the statistics (:func:`analysis.stats.stats_table`, once, on every row, because Holm's correction needs
+every comparison of a family at once) and the claims (:func:`analysis.claims.claims_table`), and returns the
+tables; the caller writes them (:func:`analysis.tables.write_table`).
+
+Exp. C has two modes (paper Sec. 2.4): ``samples`` segments the generated images with the domain segmenter
+(:func:`sag.probe.write_sample_masks`, ``<run>/studies/sample_masks.npz``); ``scenes`` needs the run's model to
+probe forward-noised dataset scenes with exact masks (:func:`sag.probe.probe_scenes`, ``<run>/studies/scenes/``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.claims import claims_table
+from analysis.stats import stats_table
+from analysis.studies import (
+    MODES,
+    Settings,
+    load_images,
+    open_records,
+    run_meta,
+    scene_targets,
+    study_correlation,
+    study_frequency,
+    study_timesteps,
+)
+from sag.errors import SagConfigError
+from sag.masks import high_frequency_mask
+from sag.models.base import DiffusionModel
+from sag.probe import MASKS_FILE, probe_scenes, write_sample_masks
+from sag.records import RecordArrays, RecordReader
+
+STUDIES = ("timesteps", "frequency", "correlation")
+# phases timed as "analysis of those samples" (records + images -> tables), without the model passes
+SAMPLES_PHASES = ("timesteps", "frequency", "correlation_samples")
+
+
+@dataclass(frozen=True)
+class ScenesSettings:
+    """Exp. C scenes mode (``scenes`` in conf/studies.yaml, where the values are set): ``count`` scenes of
+    dataset ``data_seed`` noised to each model timestep in ``t``, ``batch_size`` scenes per model call, noise from
+    ``noise_seed`` (see :func:`sag.probe.probe_scenes`, which validates them)."""
+
+    t: list[float]
+    data_seed: int
+    count: int
+    batch_size: int
+    noise_seed: int
+
+
+@dataclass(frozen=True)
+class ClaimsSettings:
+    """How the claims are judged (``claims`` in conf/studies.yaml): ``step`` is the sampler step whose attention
+    Exp. B's claims use ("last" or an integer); ``min_n`` the images below which "not significant" is
+    "inconclusive" (:func:`analysis.claims.verdict`)."""
+
+    min_n: int
+    step: int | str
+
+    def __post_init__(self) -> None:
+        if not (self.step == "last" or (isinstance(self.step, int) and not isinstance(self.step, bool))):
+            raise SagConfigError(f"claims.step={self.step!r}; accepted: last or an integer sampler step")
+        if not isinstance(self.min_n, int) or self.min_n < 1:
+            raise SagConfigError(f"claims.min_n={self.min_n!r}; accepted: a positive integer")
+
+
+def check_studies(studies: Sequence[str], modes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(studies, modes)`` as lists; a one-line SagConfigError for an unknown name (cheap: call it before a
+    capture)."""
+    studies, modes = list(studies), list(modes)
+    if bad := [s for s in studies if s not in STUDIES] + [m for m in modes if m not in MODES]:
+        raise SagConfigError(f"studies/correlation_modes {bad}; accepted: {list(STUDIES)} / {list(MODES)}")
+    return studies, modes
+
+
+@dataclass
+class StudiesResult:
+    """The tables of :func:`run_studies` (name -> frame, in writing order) and its wall times in seconds per
+    phase; ``capture_s`` is the capture's wall time from run.json (None when unknown)."""
+
+    tables: dict[str, pd.DataFrame]
+    times: dict[str, float]
+    n_seeds: int
+    n_steps: int
+    capture_s: float | None = None
+
+    def samples_analysis_s(self) -> float:
+        """Seconds spent analysing the captured samples (records + images -> tables), excluding the model passes
+        (segmenter, scenes probe). The statistics count too when they covered the samples alone; with the
+        scenes mode they ran once on both modes' rows and are reported apart."""
+        extra = self.times.get("stats", 0.0) if "correlation_scenes" not in self.times else 0.0
+        return sum(self.times.get(k, 0.0) for k in SAMPLES_PHASES) + extra
+
+    def timing_lines(self) -> list[str]:
+        """The two lines experiments.studies prints: capture time of the run, analysis time of its samples."""
+        capture = f"{self.capture_s:.2f} s" if self.capture_s is not None else "unknown"
+        detail = ", ".join(f"{k} {v:.2f} s" for k, v in self.times.items())
+        return [f"capture of {self.n_seeds} samples x {self.n_steps} steps: {capture} (run.json wall_s)",
+                f"analysis of those samples: {self.samples_analysis_s():.2f} s; all timings: {detail}"]
+
+
+@dataclass
+class _Laps:
+    """Wall time per named phase (time.perf_counter since the previous lap)."""
+
+    times: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.clock
+        self.clock = now
+
+
+ModelSource = DiffusionModel | Callable[[], DiffusionModel] | None
+
+
+def run_studies(run_dir: str | Path, settings: Settings, *, studies: Sequence[str] = STUDIES,
+                modes: Sequence[str] = MODES, scenes: ScenesSettings | None = None,
+                claims: ClaimsSettings | None = None, model: ModelSource = None) -> StudiesResult:
+    """Every requested study on the capture run ``run_dir``: tables ``attention_timesteps``, ``frequency``,
+    ``frequency_surface``, ``object_correlation``, ``stats`` and ``claims`` (columns: analysis.schemas).
+
+    ``scenes`` and ``model`` (the run's model, or a function building it: called only when the scenes mode
+    runs) are needed for the Exp. C scenes mode; ``claims`` for the claims table (skipped when None)."""
+    studies, modes = check_studies(studies, modes)
+    run_dir = Path(run_dir)
+    reader = open_records(run_dir / "records")
+    records = RecordArrays(reader, reader.seeds)
+    run, model_name, capture_s = run_meta(run_dir)
+    laps, tables = _Laps(), {}
+    if "timesteps" in studies:
+        tables["attention_timesteps"] = study_timesteps(records, settings.psis, run, model_name)
+    seeds, images = load_images(run_dir, reader.seeds)
+    laps.lap("timesteps")
+    freq, parts = None, []
+    if "frequency" in studies:
+        freq, surface = study_frequency(records, images, settings, run, model_name)
+        tables["frequency"], tables["frequency_surface"] = freq, surface
+        laps.lap("frequency")
+    if "correlation" in studies and "samples" in modes:
+        parts.append(sample_correlation(run_dir, records, seeds, images, settings, run, model_name, laps))
+    if "correlation" in studies and "scenes" in modes:
+        if scenes is None or model is None:
+            raise SagConfigError("the scenes mode of Exp. C needs scenes settings and the run's model")
+        probe = _as_model(model)
+        parts.append(scene_correlation(run_dir / "studies" / "scenes", probe, reader, scenes, settings, run,
+                                       model_name, laps))
+    if parts:
+        tables["object_correlation"] = pd.concat(parts, ignore_index=True)
+    if freq is not None or parts:
+        tables["stats"] = stats_table(freq, tables.get("object_correlation"), test=settings.test,
+                                      n_boot=settings.n_boot, seed=settings.seed)
+        laps.lap("stats")
+        if claims is not None:
+            tables["claims"] = claims_table(tables["stats"], alpha=settings.alpha, min_n=claims.min_n,
+                                            step=claims.step)
+            laps.lap("claims")
+    return StudiesResult(tables, laps.times, len(reader.seeds), len(reader.steps), capture_s)
+
+
+def _as_model(model: ModelSource) -> DiffusionModel:
+    return model if isinstance(model, DiffusionModel) else model()
+
+
+def sample_correlation(run_dir: Path, records: RecordArrays, seeds: list[int], images: np.ndarray,
+                       settings: Settings, run: str, model: str, laps: _Laps) -> pd.DataFrame:
+    """Exp. C on the generated images (mode "samples"): object masks from the domain segmenter, stored in
+    ``<run_dir>/studies/sample_masks.npz``, and the image-derived high-frequency mask."""
+    path = write_sample_masks(run_dir / "studies" / "sample_masks.npz", seeds, images)
+    laps.lap("segmenter")
+    targets = {"object": np.load(path)["object_mask"], "highfreq": high_frequency_mask(images)}
+    out = study_correlation(records, targets, "samples", settings, run, model, images.shape[-2:], settings.steps)
+    laps.lap("correlation_samples")
+    return out
+
+
+def scene_correlation(out: Path, model: DiffusionModel, reader: RecordReader, scenes: ScenesSettings,
+                      settings: Settings, run: str, model_name: str, laps: _Laps) -> pd.DataFrame:
+    """Exp. C on forward-noised dataset scenes (mode "scenes"): probe the capture's layers into ``out`` (this
+    call's own output, rewritten whole) and correlate with the exact masks.
+
+    The probe's records borrow the record format's ``seed`` for the scene index and ``step`` for the t index
+    (:data:`sag.probe.RECORD_KEYS`); this is where they are read back. The rows keep the ``object_correlation``
+    columns, so in mode "scenes" ``seed`` holds the scene index and ``step`` the t index (``t`` is t itself)."""
+    shutil.rmtree(out, ignore_errors=True)
+    probe_scenes(model, out, layers=reader.layers, ts=list(scenes.t), data_seed=scenes.data_seed,
+                 count=scenes.count, batch_size=scenes.batch_size, noise_seed=scenes.noise_seed)
+    laps.lap("scenes_probe")
+    masks = dict(np.load(out / MASKS_FILE))
+    scene_index = [int(i) for i in masks["scene_index"]]
+    scene_records = RecordArrays(open_records(out / "records"), scene_index)  # records' seed = scene index
+    df = study_correlation(scene_records, scene_targets(masks), "scenes", settings, run, model_name,
+                           masks["object_mask"].shape[-2:])
+    laps.lap("correlation_scenes")
+    return df
