@@ -2,9 +2,9 @@
 
 Everything here works on numpy arrays, vectorised over images, tokens and random draws:
 
-* :func:`attention_masks` thresholds received attention like SAG (paper Sec. 3.2): a token is masked when the
-  attention mass it receives exceeds ``psi`` times the image's mean received mass (that mean is exactly 1 for
-  self-attention, so this equals ``sag.guidance.functions.attention_mask``'s ``received > psi``).
+* Attention masks are SAG's (paper Sec. 3.2), :func:`sag.masks.attention_token_mask` with
+  ``relative_to_mean=True``: a token is masked when the attention mass it receives exceeds ``psi`` times the
+  image's mean received mass (that mean is 1 for self-attention up to the records' rounding).
 * IoU is measured **in pixels**, between the nearest-upsampled token mask and the pixel target mask, as the
   paper does; with per-token target pixel counts it needs no upsampling: intersection = sum of target pixels in
   masked tokens, union = masked tokens * p^2 + target pixels - intersection.
@@ -22,25 +22,12 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
 
 from sag.errors import SagConfigError
+from sag.masks import attention_token_mask
 
 MEASURES = ("iou_attention", "iou_random", "auroc", "pointbiserial_r", "mask_area")
-
-
-def check_psi(psi: float) -> float:
-    if not np.isfinite(psi) or psi <= 0:
-        raise SagConfigError(f"psi={psi!r}; accepted: a positive number (mask threshold as a multiple of the mean)")
-    return float(psi)
-
-
-def attention_masks(received: np.ndarray, psi: float) -> np.ndarray:
-    """(n, h, w) received mass -> (n, h, w) bool: received > psi * mean over the image's keys."""
-    check_psi(psi)
-    mean = received.mean(axis=(-2, -1), keepdims=True)
-    return received > psi * mean
 
 
 def pool_received(received: np.ndarray, factor: int) -> np.ndarray:
@@ -79,14 +66,6 @@ def iou_from_counts(token_mask: np.ndarray, counts: np.ndarray, patch_area: int)
     union = token_mask.sum(-1) * patch_area + c.sum(-1) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, inter / np.maximum(union, 1e-12), np.nan)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of bool masks (n, ...) per image; NaN where both are empty."""
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    inter, union = (a & b).sum(-1), (a | b).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
 
 
 @lru_cache(maxsize=16)
@@ -144,16 +123,6 @@ def pointbiserial(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (x * y).sum(-1) / np.where(den > 0, den, 1), np.nan)
 
 
-def highfreq_masks(images: np.ndarray, sigma: float = 1.0, quantile: float = 0.75) -> np.ndarray:
-    """Image-derived high-frequency mask (n, H, W) bool, the paper's "Freq. masks" (Sec. 2.2, filter unknown):
-    pixels whose high-pass magnitude |x - G_sigma * x| (mean over channels) is above the image's ``quantile``.
-    Used where no exact texture mask exists (generated samples)."""
-    x = images.astype(np.float64)
-    hp = np.abs(x - gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="reflect")).mean(1)
-    thr = np.quantile(hp.reshape(len(hp), -1), quantile, axis=-1)
-    return hp > thr[:, None, None]
-
-
 def correlate(received: np.ndarray, targets: dict[str, np.ndarray], psis, *, draws: int = 200, seed: int = 0,
               min_fraction: float = 0.5) -> pd.DataFrame:
     """Exp. C measures of one layer at one step/t for n images.
@@ -166,7 +135,8 @@ def correlate(received: np.ndarray, targets: dict[str, np.ndarray], psis, *, dra
     n, h, w = received.shape
     t_count = h * w
     scores = received.reshape(n, t_count)
-    masks = {float(psi): attention_masks(received, psi).reshape(n, t_count) for psi in psis}
+    masks = {float(psi): attention_token_mask(received, psi, relative_to_mean=True).reshape(n, t_count)
+             for psi in psis}
     perms = random_permutations(n, t_count, draws, seed)  # shared by targets and psi: paired draws
     names, measures, psi_col, values = [], [], [], []
 

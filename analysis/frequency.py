@@ -1,8 +1,9 @@
 """Exp. B: Fourier analysis of masked vs unmasked patches (paper Sec. 2.3, v1/v3 ``freq.png``).
 
 Protocol: cut each image into the non-overlapping p x p pixel patches that correspond to the layer's tokens
-(p = image side / grid side), split the patches by the attention mask (received > psi * mean, Sec. 3.2) into
-masked / unmasked / all, take the 2-D DFT of every patch and average the magnitude spectra per region.
+(p = image side / grid side), split the patches by the attention mask (received > psi * mean, Sec. 3.2;
+:func:`sag.masks.attention_token_mask`) into masked / unmasked / all, take the 2-D DFT of every patch and
+average the magnitude spectra per region.
 
 * **Colour**: the magnitude spectrum of each RGB channel is computed separately and the magnitudes are
   averaged over channels. Luminance would cancel iso-luminant colour edges (the procedural scenes draw
@@ -25,8 +26,8 @@ import numpy as np
 import pandas as pd
 import scipy.fft
 
-from analysis.correlation import attention_masks
 from sag.errors import SagConfigError
+from sag.masks import attention_token_mask
 
 REGIONS = ("masked", "unmasked", "all")
 
@@ -102,7 +103,7 @@ def analyse_frequency(magnitude: np.ndarray, received: np.ndarray, psis) -> tupl
     shifted = np.fft.fftshift(np.fft.fftfreq(p, d=1.0 / p)).astype(int)
     uu, vv = np.meshgrid(shifted, shifted, indexing="ij")
     for psi in psis:
-        mask = attention_masks(received, psi).reshape(n, t_count)
+        mask = attention_token_mask(received, psi, relative_to_mean=True).reshape(n, t_count)
         regions = region_spectra(magnitude, mask)
         bins, prof = radial_profile(regions)  # (n, 3, R)
         img, reg, fr = np.meshgrid(np.arange(n), np.arange(3), np.arange(len(bins)), indexing="ij")

@@ -5,9 +5,10 @@ Per layer, step and image (all numpy, vectorised over steps and images):
 
 * ``entropy``: mean over queries of the attention-row entropy (nats; the ``row_entropy`` capture reduction);
 * ``entropy_norm``: that entropy / log N (N keys): 1 = uniform attention, 0 = one-hot rows;
-* ``mask_area``: fraction of tokens in the SAG mask (received > psi * mean) at each psi;
-* ``mask_iou_last``: IoU of this step's mask with the last recorded step's mask (1 at the last step; NaN when
-  both masks are empty);
+* ``mask_area``: fraction of tokens in the SAG mask (received > psi * mean, :func:`sag.masks.attention_token_mask`)
+  at each psi;
+* ``mask_iou_last``: IoU of this step's mask with the last recorded step's mask (:func:`sag.masks.mask_iou`: 1 at
+  the last step; NaN when both masks are empty);
 * ``gini``: Gini coefficient of the received mass over keys (0 = every key receives the same mass).
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.correlation import attention_masks, mask_iou
+from sag.masks import attention_token_mask, mask_iou
 
 
 def gini(values: np.ndarray) -> np.ndarray:
@@ -52,7 +53,8 @@ def measure_timesteps(received: np.ndarray, entropy: np.ndarray | None, psis) ->
         add("entropy", np.nan, ent)
         add("entropy_norm", np.nan, ent / np.log(h * w))
     for psi in psis:
-        masks = attention_masks(received.reshape(s_count * n, h, w), psi).reshape(s_count, n, h * w)
+        masks = attention_token_mask(received.reshape(s_count * n, h, w), psi, relative_to_mean=True)
+        masks = masks.reshape(s_count, n, h * w)
         add("mask_area", float(psi), masks.mean(-1))
         last = np.broadcast_to(masks[-1], masks.shape)
         add("mask_iou_last", float(psi), mask_iou(masks.reshape(s_count * n, -1), last.reshape(s_count * n, -1)))

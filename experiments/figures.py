@@ -4,7 +4,8 @@
         sweep_dir=outputs/sample-multirun/<run>
 
 Writes ``<run_dir>/figures/<name>.png|pdf`` and ``<name>.csv`` (the plotted numbers); figures whose inputs
-are absent are skipped with the reason.
+are absent are skipped with the reason. Runs no model: figure 2's object masks are the ones the studies stored
+(``studies/sample_masks.npz``); without them it is drawn without the object row and a ``note`` line says so.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from analysis.figures.build import build_figures
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="figures")
 def main(cfg: DictConfig) -> None:
+    """Build the figures of ``cfg.run_dir`` and print what was written, noted and skipped."""
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise SystemExit("experiments.figures: give run_dir=<a run dir with tables/> (and capture_dir=, sweep_dir=)")
     for key in ("run_dir", "capture_dir", "sweep_dir"):

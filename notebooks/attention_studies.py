@@ -34,7 +34,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from analysis.figures import fig_attention_stats, fig_frequency, fig_masks, fig_objects, fig_timeline
-from analysis.figures.inputs import capture_inputs, object_masks
+from analysis.figures.inputs import capture_inputs, stored_object_masks
 from analysis.report import available_tables, default_run_dir, show, table_or_none
 
 # %% tags=["parameters"]
@@ -51,16 +51,19 @@ print(f"run dir: {RUN_DIR}\ntables: {available_tables(RUN_DIR) or 'none'}")
 # %% [markdown]
 # ## Exp. A: what do the masks cover?
 #
-# Columns are generated images; rows the object mask (domain segmenter, for the 32 px embedded domain),
-# a high-frequency mask (pixels whose local high-pass energy is in the image's top quarter, see
-# `analysis.figures.fig_masks.high_frequency_mask`) and the attention mask at token resolution.
+# Columns are generated images; rows the object mask (the domain segmenter's masks that the object study stored
+# in `studies/sample_masks.npz`, for the 32 px embedded domain), the high-frequency mask that Exp. C measures
+# (pixels whose high-pass magnitude is in the image's top quarter, `sag.masks.high_frequency_mask`) and the
+# attention mask at token resolution (`sag.masks.attention_token_mask`).
 
 # %%
 records = CAPTURE_DIR is not None and (Path(CAPTURE_DIR) / "records" / "meta.json").is_file()
 if records:
     inp = capture_inputs(CAPTURE_DIR, n_seeds=4, n_steps=5)
-    objs = object_masks(inp["images"])
-    display(show(fig_masks.plot(inp["images"], inp["final_maps"], objs, layer=inp["layer"])))
+    objs, note = stored_object_masks([CAPTURE_DIR, RUN_DIR], sorted(inp["final_maps"]))
+    print(note)
+    display(show(fig_masks.plot(inp["images"], inp["final_maps"], objs, layer=inp["layer"],
+                                note="" if objs is not None else note)))
     display(fig_masks.data(inp["images"], inp["final_maps"], objs).round(3))
 else:
     print(f"no records under {CAPTURE_DIR}: set CAPTURE_DIR to a capture run for the image figures")

@@ -183,9 +183,30 @@ def write_capture(run_dir: Path, timeout: int = 300) -> Path:
     return run_dir
 
 
+def write_stored_masks(run_dir: Path, seed: int = 0) -> Path:
+    """``studies/sample_masks.npz`` as the object study stores it (seeds, object_mask), with seeded random
+    rectangles for every image of ``run_dir`` (figure 2 reads it instead of running the segmenter)."""
+    from analysis.figures.inputs import SAMPLE_MASKS
+    from analysis.images import load_images
+
+    seeds, images = load_images(run_dir)
+    rng = np.random.default_rng(seed)
+    h, w = images.shape[-2:]
+    masks = np.zeros((len(seeds), h, w), bool)
+    for m in masks:
+        top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        m[top:top + h // 2, left:left + w // 2] = True
+    path = run_dir / SAMPLE_MASKS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, seeds=np.asarray(seeds), object_mask=masks)
+    return path
+
+
 def write_fixture_report(root: Path, capture: bool = True) -> dict[str, Path]:
-    """run (all tables), sweep (3 settings) and, if ``capture``, a tiny capture run under ``root``."""
+    """run (all tables), sweep (3 settings) and, if ``capture``, a tiny capture run (with stored object masks)
+    under ``root``."""
     out = {"run": write_run(root / "run"), "sweep": write_sweep(root / "sweep")}
     if capture:
         out["capture"] = write_capture(root / "capture")
+        write_stored_masks(out["capture"])
     return out

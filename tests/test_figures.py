@@ -21,7 +21,9 @@ from analysis.figures import (
     fig_timeline,
     save_figure,
 )
+from analysis.images import from_uint8
 from analysis.tables import TableError
+from sag.masks import high_frequency_mask
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +73,7 @@ def test_objects_bars_and_pct_diff():
     assert len(d[d["panel"] == "auroc"]) == 2 * 2 * 2  # patch x psi x (object, texture)
     att = iou[iou["measure"] == "iou_attention"].iloc[0]
     rnd = iou[(iou["measure"] == "iou_random") & (iou["patch"] == att["patch"]) & (iou["psi"] == att["psi"])].iloc[0]
-    assert att["pct_diff"] == pytest.approx(100 * (att["mean"] - rnd["mean"]) / rnd["mean"])
+    assert att["pct_diff"] == pytest.approx(100 * (att["mean"] - rnd["mean"]) / rnd["mean"])  # rel 1e-6: float64
     fig = fig_objects.plot(t)
     axes = visible_axes(fig)
     assert len(axes) == 4 and all(len(ax.patches) == 4 for ax in axes)  # 2 patch sizes x 2 bars
@@ -128,19 +130,26 @@ def test_timeline_grid():
     images = {s: fx.random_image(s) for s in seeds}
     d = fig_timeline.data(panels, maps, psi=1.0)
     assert len(d) == 6 and d["mask_area"].between(0, 1).all()
-    assert d.loc[0, "mask_area"] == pytest.approx((maps[(0, 0)] > 1.0).mean())
+    assert d.loc[0, "mask_area"] == pytest.approx((maps[(0, 0)] > 1.0).mean())  # rel 1e-6: the same 16-token mean
     fig = fig_timeline.plot(panels, images, x0, maps)
     assert len(fig.get_axes()) == 2 * len(seeds) * (1 + len(steps))
     assert all(ax.images for ax in fig.get_axes())  # no empty cell
 
 
 def test_high_frequency_mask():
+    def hf(image):  # (H, W, C) -> (H, W): figure 2 shows Exp. C's mask (sag.masks)
+        return high_frequency_mask(image.transpose(2, 0, 1)[None])[0]
+
     flat = np.full((32, 32, 3), 0.5)
-    assert not fig_masks.high_frequency_mask(flat).any()
+    assert not hf(flat).any()
     im = flat.copy()
     im[8:16, 8:16] = np.indices((8, 8)).sum(0)[..., None] % 2  # a checkerboard patch
-    m = fig_masks.high_frequency_mask(im)
+    m = hf(im)
     assert m[8:16, 8:16].mean() > 0.8 and m[24:, 24:].sum() == 0
+    images = {s: fx.random_image(s) for s in (0, 1)}
+    want = high_frequency_mask(from_uint8(np.stack([images[0], images[1]])))  # as the studies load the PNGs
+    got = fig_masks.high_frequency_masks(images)
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
 
 
 def test_masks_grid_and_ious():
@@ -152,7 +161,9 @@ def test_masks_grid_and_ious():
     assert list(d["seed"]) == seeds and (d["iou_attention_object"] == 1.0).all()
     fig = fig_masks.plot(images, maps, objs)
     assert len(fig.get_axes()) == 4 * len(seeds)
-    assert len(fig_masks.plot(images, maps).get_axes()) == 3 * len(seeds)  # no object row without masks
+    bare = fig_masks.plot(images, maps, note="no object masks")
+    assert len(bare.get_axes()) == 3 * len(seeds)  # no object row without masks
+    assert "no object masks" in bare.get_suptitle()
 
 
 def test_qualitative_grid(tmp_path):

@@ -47,6 +47,7 @@ def test_attention_studies_notebook(report_dirs, tmp_path):
                           params={"CAPTURE_DIR": report_dirs["capture"]}, ipynb=tmp_path / "a.ipynb")
     html = out.read_text()
     assert html.count("data:image/png") >= 5  # masks, timeline, frequency, objects, attention stats
+    assert "object masks from" in html and "sample_masks.npz" in html  # stored masks, no segmenter run
     assert "masked patches have more high-frequency energy" in html  # the claims table
 
 

@@ -54,6 +54,7 @@ def _per_patch_layer(df: pd.DataFrame, layers: Mapping[int, str] | None) -> pd.D
 
 
 def series_label(region: str, psi: float) -> str:
+    """Legend label of a spectrum curve, e.g. ``masked (ψ=1.0)``."""
     p = style.fmt_psi(psi)
     return {"masked": f"masked (ψ={p})", "unmasked": f"unmasked (ψ={p})", "all": "all patches"}[region]
 

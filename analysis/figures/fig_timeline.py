@@ -2,7 +2,8 @@
 
 Two rows per seed. Top: the final image, then the x0 estimate at a few sampler steps. Bottom: the final
 image with the last recorded step's mask, then each step's mask (tokens whose received attention exceeds
-``psi`` times the mean, SAG's M_t) painted red over that step's x0 estimate.
+``psi``, SAG's M_t: :func:`sag.masks.attention_token_mask`, the rule guidance applies) painted red over that
+step's x0 estimate.
 """
 
 from __future__ import annotations
@@ -14,14 +15,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.figures import style
+from sag.masks import attention_token_mask
 
 NAME = "timeline"
 PANEL_COLUMNS = ("seed", "step", "t", "layer")
-
-
-def token_mask(received: np.ndarray, psi: float) -> np.ndarray:
-    """SAG's mask at token resolution: received attention (mean 1 over keys) above ``psi``."""
-    return np.asarray(received) > psi
 
 
 def data(panels: pd.DataFrame, maps: Mapping[tuple[int, int], np.ndarray], psi: float = 1.0) -> pd.DataFrame:
@@ -35,7 +32,7 @@ def data(panels: pd.DataFrame, maps: Mapping[tuple[int, int], np.ndarray], psi: 
         m = np.asarray(maps[(r.seed, r.step)])
         rows.append({"seed": int(r.seed), "step": int(r.step), "t": float(r.t), "layer": r.layer,
                      "grid": f"{m.shape[0]}x{m.shape[1]}", "psi": psi,
-                     "mask_area": float(token_mask(m, psi).mean()), "max_received": float(m.max())})
+                     "mask_area": float(attention_token_mask(m, psi).mean()), "max_received": float(m.max())})
     return pd.DataFrame(rows)
 
 
@@ -50,13 +47,13 @@ def plot(panels: pd.DataFrame, images: Mapping[int, np.ndarray], x0: Mapping[tup
     for i, seed in enumerate(seeds):
         top, bottom = axes[2 * i], axes[2 * i + 1]
         style.show_image(top[0], images[seed])
-        style.overlay_mask(bottom[0], images[seed], token_mask(maps[(seed, last)], psi))
+        style.overlay_mask(bottom[0], images[seed], attention_token_mask(maps[(seed, last)], psi))
         top[0].set_ylabel(f"seed {seed}\nx0 estimate", fontsize=style.BASE_FONT - 1)
         bottom[0].set_ylabel(f"mask ψ={style.fmt_psi(psi)}", fontsize=style.BASE_FONT - 1)
         for j, step in enumerate(steps):
             row = d[(d["seed"] == seed) & (d["step"] == step)].iloc[0]
             style.show_image(top[j + 1], x0[(seed, step)])
-            style.overlay_mask(bottom[j + 1], x0[(seed, step)], token_mask(maps[(seed, step)], psi))
+            style.overlay_mask(bottom[j + 1], x0[(seed, step)], attention_token_mask(maps[(seed, step)], psi))
             if i == 0:
                 top[j + 1].set_title(f"step {step}\nt={row['t']:.0f}", fontsize=style.BASE_FONT - 1)
             bottom[j + 1].set_xlabel(f"{100 * row['mask_area']:.0f}% tokens", fontsize=style.BASE_FONT - 2)

@@ -1,9 +1,11 @@
-"""Image inputs of figures 1, 2 and 6 from stored run dirs (samples/, records/, run.json); never samples.
+"""Image inputs of figures 1, 2 and 6 from stored run dirs (samples/, records/, run.json, studies/); never samples
+and never runs a model.
 
-* :func:`load_images` — ``samples/<seed>.png`` of a run as uint8 arrays.
+* :func:`images_by_seed` — ``samples/<seed>.png`` of a run (read by :func:`analysis.images.load_images`, the
+  studies' loader) as ``{seed: (H, W, C) uint8}``.
 * :func:`capture_inputs` — final images, x0 estimates and received-attention maps of a capture run.
 * :func:`sweep_images` — images per guidance setting from a sample sweep dir (one sub-run per setting).
-* :func:`object_masks` — object masks from the shipped domain segmenter (embedded 32 px domain only).
+* :func:`stored_object_masks` — the object masks the studies stored (``studies/sample_masks.npz``).
 """
 
 from __future__ import annotations
@@ -13,23 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from analysis.figures import fig_masks, fig_qualitative, fig_timeline, save_figure
 from analysis.figures.fig_frequency import pick_layer
+from analysis.images import load_images, sample_seeds, to_uint8
 
-IMAGE_FIGURE_NAMES = (fig_timeline.NAME, fig_masks.NAME, fig_qualitative.NAME)
+# Written by experiments.studies (sag.probe.write_sample_masks: keys ``seeds``, ``object_mask``) into the run dir
+# it analyses, i.e. the capture run.
+SAMPLE_MASKS = Path("studies") / "sample_masks.npz"
 
 
-def load_images(run_dir: str | Path, seeds=None) -> dict[int, np.ndarray]:
-    """``{seed: (H, W, C) uint8}`` from ``samples/<6-digit seed>.png``."""
-    out = {}
-    for p in sorted((Path(run_dir) / "samples").glob("[0-9]*.png")):
-        seed = int(p.stem)
-        if seeds is None or seed in seeds:
-            a = np.asarray(Image.open(p))
-            out[seed] = a[..., None] if a.ndim == 2 else a
-    return out
+def images_by_seed(run_dir: str | Path, seeds=None) -> dict[int, np.ndarray]:
+    """``{seed: (H, W, C) uint8}`` of the run's images (all, or those of ``seeds`` the run has)."""
+    have = [s for s in sample_seeds(run_dir) if seeds is None or s in seeds]
+    if not have:
+        return {}
+    have, arr = load_images(run_dir, have)
+    return dict(zip(have, to_uint8(arr)))
 
 
 def to_display(x) -> np.ndarray:
@@ -56,7 +57,7 @@ def capture_inputs(capture_dir: str | Path, *, layer: str | None = None, seeds=N
     pick = np.unique(np.linspace(0, len(all_steps) - 1, min(n_steps, len(all_steps))).round().astype(int))
     steps = [all_steps[i] for i in pick]
     has_x0 = (reader.index["reduction"] == "x0").any()
-    images = load_images(capture_dir, set(seeds))
+    images = images_by_seed(capture_dir, set(seeds))
     panels, x0, maps = [], {}, {}
     for step in steps:
         m = reader.maps(layer, step, seeds).numpy()
@@ -86,66 +87,25 @@ def sweep_images(sweep_dir: str | Path, seeds=None) -> dict[str, dict[int, np.nd
     out = {}
     for run, name in zip(runs, names):
         key = name if names.count(name) == 1 else run.name
-        imgs = load_images(run, seeds)
+        imgs = images_by_seed(run, seeds)
         if imgs:
             out[key] = imgs
     order = [k for k in ("none", "sag", "blur", "cfg", "sag_cfg", "cg", "sag_cg") if k in out]
     return {k: out[k] for k in order + [k for k in out if k not in order]}
 
 
-def object_masks(images: dict[int, np.ndarray]) -> dict[int, np.ndarray] | None:
-    """Object masks from the shipped segmenter for 32x32 RGB images (the embedded domain), else None."""
-    if not images or any(im.shape != (32, 32, 3) for im in images.values()):
-        return None
-    import torch
-
-    from sag.evaluators import load_evaluator
-
-    seg = load_evaluator("segmenter")
-    seeds = sorted(images)
-    x = torch.as_tensor(np.stack([images[s] for s in seeds]), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
-    masks = seg.predict_mask(x).numpy()
-    return dict(zip(seeds, masks))
-
-
-def build_image_figures(result, *, run_dir, capture_dir, sweep_dir, out, only, formats, options) -> None:
-    """Figures 1, 2 (from a capture run's records) and 6 (from a sweep's images) into ``result``."""
-    want = [n for n in IMAGE_FIGURE_NAMES if not only or n in only]
-    cap = next((Path(d) for d in (capture_dir, run_dir) if d and (Path(d) / "records" / "meta.json").is_file()), None)
-    if {fig_timeline.NAME, fig_masks.NAME} & set(want):
-        if cap is None:
-            for n in (fig_timeline.NAME, fig_masks.NAME):
-                if n in want:
-                    result.skipped[n] = "no records/: give capture_dir= (a capture run with records)"
-        else:
-            o = {**options.get("capture", {})}
-            psi = float(o.pop("psi", 1.0))
-            inp = capture_inputs(cap, **o)
-            if fig_timeline.NAME in want:
-                args = (inp["panels"], inp["images"], inp["x0"], inp["maps"])
-                result.written[fig_timeline.NAME] = save_figure(
-                    fig_timeline.plot(*args, psi=psi), fig_timeline.data(inp["panels"], inp["maps"], psi), out,
-                    fig_timeline.NAME, formats)
-            if fig_masks.NAME in want:
-                objs = object_masks(inp["images"])
-                kw = dict(psi=psi, **options.get(fig_masks.NAME, {}))
-                result.written[fig_masks.NAME] = save_figure(
-                    fig_masks.plot(inp["images"], inp["final_maps"], objs, layer=inp["layer"], **kw),
-                    fig_masks.data(inp["images"], inp["final_maps"], objs, **kw), out, fig_masks.NAME, formats)
-    if fig_qualitative.NAME in want:
-        src = next((Path(d) for d in (sweep_dir, run_dir) if d and any(Path(d).glob("*/run.json"))), None)
-        if src is None:
-            result.skipped[fig_qualitative.NAME] = "no sweep of sample runs (*/run.json): give sweep_dir="
-        else:
-            seeds = options.get(fig_qualitative.NAME, {}).get("seeds")
-            imgs = sweep_images(src, set(seeds) if seeds else None)
-            if not seeds:  # a few seeds that every setting has
-                common = sorted(set.intersection(*[set(v) for v in imgs.values()])) if imgs else []
-                seeds = common[:options.get(fig_qualitative.NAME, {}).get("n_seeds", 4)]
-                imgs = {k: {s: v[s] for s in seeds} for k, v in imgs.items()}
-            if not imgs or not seeds:
-                result.skipped[fig_qualitative.NAME] = f"{src}: no seeds shared by every setting"
-            else:
-                result.written[fig_qualitative.NAME] = save_figure(
-                    fig_qualitative.plot(imgs, seeds), fig_qualitative.data(imgs, seeds), out, fig_qualitative.NAME,
-                    formats)
+def stored_object_masks(dirs, seeds) -> tuple[dict[int, np.ndarray] | None, str]:
+    """(``{seed: (H, W) bool}`` or None, a note) from the first of ``dirs`` holding :data:`SAMPLE_MASKS`: the
+    stored mask of every one of ``seeds``, else None with the reason (no such file, or seeds it lacks)."""
+    paths = [Path(d) / SAMPLE_MASKS for d in dirs if d is not None]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        where = ", ".join(str(p) for p in paths)
+        return None, (f"no object masks ({where} absent: run experiments.studies with the correlation study on "
+                      "samples)")
+    with np.load(path) as f:
+        stored = dict(zip((int(s) for s in f["seeds"]), f["object_mask"].astype(bool)))
+    lost = sorted(s for s in seeds if s not in stored)
+    if lost:
+        return None, f"no object masks for seeds {lost} in {path}"
+    return {s: stored[s] for s in seeds}, f"object masks from {path}"
