@@ -40,6 +40,7 @@ def _label(r) -> str:
 
 
 def plot(table: pd.DataFrame) -> Figure:
+    """Bars of seconds per image per guidance setting, labelled with the ratios of :func:`data`."""
     d = data(table)
     groups = list(d.groupby(["benchmark", "model", "device"], sort=False))
     n_set = max(d["setting"].nunique(), 1)
