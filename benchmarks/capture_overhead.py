@@ -1,6 +1,6 @@
 """Capture overhead: sampling with every self-attention layer recorded at every step vs no capture.
 
-    python benchmarks/capture_overhead.py [--model tiny_pixel] [--steps 20] [--batch 8] [--repeats 5]
+    python -m benchmarks.capture_overhead [--model tiny_pixel] [--steps 20] [--batch 8] [--repeats 5]
 
 Runs A/B interleaved in one process (same seeds, same scheduler) and prints median wall times and their
 ratios for: no capture | capture (head_mean + received, popped and discarded) | capture streamed to
@@ -25,6 +25,7 @@ from sag.schedulers import make_scheduler
 
 
 def main() -> None:
+    """Command line: run the four cases A/B interleaved and print median times and ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny_pixel")
     ap.add_argument("--channels", default="16,32,32", help="tiny_pixel block_out_channels")

@@ -6,12 +6,14 @@
 Presets (random weights unless named): ``tiny_pixel_cond`` (0.28M), ``embedded`` (the shipped weights),
 ``adm128`` (guided-diffusion ImageNet-128 conditional architecture, 421.5M, 128x128 pixels, SAG layer
 output_blocks[8] as the official README), ``sd15`` (diffusers' default UNet2DConditionModel = SD-1.5,
-860M, 4x64x64 latents, text embeddings 77x768, SAG on the mid-block attn1 as diffusers' pipeline).
+860M, 4x64x64 latents, text embeddings 77x768, SAG on the mid-block attn1 as diffusers' pipeline). The SAG
+settings (layers, blur, scales) of a preset are those of its ``conf/model_guidance/<name>.yaml`` (``PRESETS``).
 
 Two benchmarks, each A/B interleaved over ``--repeats`` rounds on the same seeds (medians):
 - ``guidance``: none / sag / blur (/ cfg / sag_cfg where the model has a null condition): model calls per
-  image (counted), wall time per image, peak accelerator memory, ratios to unguided and to CFG. The ideal
-  is one extra model call per guided step: SAG / none = 2.0x, SAG+CFG / CFG = 1.5x (targets 2.05x, 1.55x).
+  image (network rows counted by a hook, ``sag.guidance.CallCounter``), wall time per image, peak accelerator
+  memory, ratios to unguided and to CFG. The ideal is one extra model call per guided step: SAG / none = 2.0x,
+  SAG+CFG / CFG = 1.5x (targets 2.05x, 1.55x).
 - ``capture``: every self-attention layer, head-mean and received-mass maps, every step, against no
   capture (target 1.15x); ``--latent`` sets the sd15 latent size, so 64 gives a 64x64 token grid at the
   first level and 32 a 32x32 one.
@@ -21,32 +23,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from analysis.schemas import validate
-from analysis.tables import write_table
+from benchmarks.common import DTYPES, append_bench, machine, model_guidance, timed
 from sag.capture import capture_attention
-from sag.guidance import build_guidance
-from sag.guidance.base import CallCounter
+from sag.guidance import CallCounter, build_guidance
 from sag.models import DiffusionModel, load_model
 from sag.sampling import sample
 from sag.schedulers import make_scheduler
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# SAG layer and blur settings per preset (conf/model_guidance/*.yaml hold the same for real checkpoints).
-SAG_KW = {
-    "tiny_pixel_cond": {},
-    "embedded": {},
-    "adm128": {"layers": "up_blocks.2.attentions.2", "kernel_size": 31, "blur_sigma": 3.0, "sag_scale": 0.1},
-    "sd15": {"layers": "mid_block.attentions.0.transformer_blocks.0.attn1", "kernel_size": 9, "blur_sigma": 1.0,
-             "sag_scale": 0.75, "cfg_scale": 6.5},
-}
+# Preset -> its conf/model_guidance/<name>.yaml (SAG layers, blur, scales; read with benchmarks.common).
+PRESETS = {"tiny_pixel_cond": "tiny_pixel_cond", "embedded": "embedded", "adm128": "adm128",
+           "sd15": "stable_diffusion"}
 
 
 def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: int) -> DiffusionModel:
@@ -78,7 +69,7 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: in
                                sample_size=(latent, latent), in_channels=4, clip_denoised=False,
                                scheduler_config=sched)
     else:
-        raise SystemExit(f"unknown preset {name!r}; accepted: {sorted(SAG_KW)}")
+        raise SystemExit(f"unknown preset {name!r}; accepted: {sorted(PRESETS)}")
     return model.to(device=device, dtype=dtype)
 
 
@@ -90,25 +81,6 @@ def _cond(model: DiffusionModel, n: int, device) -> torch.Tensor | None:
     return None
 
 
-def _timed(fn, device) -> tuple[float, float]:
-    """(seconds, peak accelerator MiB; NaN on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) / 2**20
-    return time.perf_counter() - t0, float("nan")
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
-
-
 def run_cases(cases: dict, device, repeats: int) -> dict[str, tuple[float, float]]:
     """Median seconds and max peak MiB per case, A/B interleaved after one warm-up round."""
     for fn in cases.values():
@@ -117,30 +89,28 @@ def run_cases(cases: dict, device, repeats: int) -> dict[str, tuple[float, float
     peaks = {k: [] for k in cases}
     for _ in range(repeats):
         for k, fn in cases.items():
-            s, m = _timed(fn, device)
+            s, m = timed(fn, device)
             times[k].append(s)
             peaks[k].append(m)
     return {k: (statistics.median(times[k]), max(peaks[k])) for k in cases}
 
 
 def bench_guidance(model, preset, device, steps, batch, repeats, scheduler="ddim") -> list[dict]:
+    """Rows of the ``guidance`` benchmark: calls per image (UNet rows counted by a hook), time and memory."""
     sched = make_scheduler(model, scheduler)
     seeds, cond = list(range(batch)), _cond(model, batch, device)
     has_null = model.conditioning == "text" or model.has_null_class
     kinds = ["none", "sag", "blur"] + (["cfg", "sag_cfg"] if has_null else [])
-    kw = dict(SAG_KW[preset])
-    counters, fns = {}, {}
-    for k in kinds:
-        counters[k] = CallCounter(model)
-        if k == "none":
-            fns[k] = counters[k]
-        else:
-            fns[k] = build_guidance(model, k, **kw)
-            fns[k].inner = counters[k]
+    kw = model_guidance(PRESETS[preset])
+    fns = {k: build_guidance(model, k, **kw) for k in kinds}
+    counters = {k: CallCounter(model.net) for k in kinds}
 
     def case(k):
-        return lambda: sample(model, sched, steps=steps, seeds=seeds, cond=cond, model_fn=fns[k],
-                              batch_size=batch, progress=False, check_finite=False)
+        def fn():
+            with counters[k]:  # counts every round, the warm-up included
+                sample(model, sched, steps=steps, seeds=seeds, cond=cond, model_fn=fns[k], batch_size=batch,
+                       progress=False, check_finite=False)
+        return fn
 
     res = run_cases({k: case(k) for k in kinds}, device, repeats)
     calls = {k: counters[k].rows / (repeats + 1) / batch for k in kinds}
@@ -154,6 +124,7 @@ def bench_guidance(model, preset, device, steps, batch, repeats, scheduler="ddim
 
 
 def bench_capture(model, device, steps, batch, repeats, scheduler="ddim") -> list[dict]:
+    """Rows of the ``capture`` benchmark: every self-attention layer recorded at every step vs no capture."""
     sched = make_scheduler(model, scheduler)
     seeds, cond = list(range(batch)), _cond(model, batch, device)
 
@@ -175,18 +146,10 @@ def bench_capture(model, device, steps, batch, repeats, scheduler="ddim") -> lis
              "peak_mem_mb": m, "ratio_vs_none": s / base, "ratio_vs_cfg": float("nan")} for k, (s, m) in res.items()]
 
 
-def append_bench(rows: list[dict], meta: dict, out: str | Path) -> tuple[pd.DataFrame, Path]:
-    """Rows (+ the run's ``meta`` columns) appended to ``<out>/tables/bench.parquet``; (whole table, path)."""
-    df = validate(pd.DataFrame([{**r, **meta} for r in rows]), "bench")
-    path = Path(out) / "tables" / "bench.parquet"
-    if path.is_file():
-        df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
-    return df, write_table(df, out, "bench")
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """Command line: build the preset, run the chosen benchmarks, append their rows to the bench table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny_pixel_cond", choices=sorted(SAG_KW))
+    ap.add_argument("--preset", default="tiny_pixel_cond", choices=sorted(PRESETS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--steps", type=int, default=20)
@@ -206,7 +169,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows += bench_capture(model, device, args.steps, args.batch, args.repeats)
     grid = f"{args.latent}x{args.latent}" if args.preset == "sd15" else "x".join(map(str, model.sample_size))
     meta = {"model": f"{args.preset} ({grid})", "device": device.type, "dtype": args.dtype, "batch": args.batch,
-            "steps": args.steps, "machine": _machine(device), "date": dt.date.today().isoformat()}
+            "steps": args.steps, "machine": machine(device), "date": dt.date.today().isoformat()}
     df, path = append_bench(rows, meta, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.tail(len(rows))[["benchmark", "setting", "model", "calls_per_image", "s_per_image", "peak_mem_mb",

@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # Cost benchmarks on one CUDA GPU, no network, about 3 minutes on an H100/H200:
 #   bash benchmarks/gpu.sh [OUT_DIR]        -> OUT_DIR/tables/bench.parquet (appends) + the printed tables
-# Needs PyTorch with CUDA. Everything else our code imports (diffusers, hydra-core, omegaconf, antlr4) may
-# travel as wheels in .whl/ next to this checkout: they are installed into /tmp/sag-site first. To fetch them
-# on a machine with a package index: see BENCHMARKS.md ("Running the GPU benchmark").
+# Needs PyTorch with CUDA. Runs the installed package (`python -m benchmarks.cost`, installed with sag-lab). If
+# $PYTHON (default python3) cannot import it, this checkout is installed into $PYTHON's environment first
+# (editable, offline, without dependencies: PyTorch comes with the machine), together with the wheels in .whl/
+# if any (diffusers, hydra-core, omegaconf, antlr4: see BENCHMARKS.md, "Running the GPU benchmark"). Use a
+# virtual environment's python as PYTHON where the system one refuses installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/bench_gpu}
 py=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sag-site .whl/*.whl
-  export PYTHONPATH=/tmp/sag-site${PYTHONPATH:+:$PYTHONPATH}
+if ! (cd / && "$py" -c "import benchmarks.cost") > /dev/null 2>&1; then
+  wheels=()
+  if compgen -G ".whl/*.whl" > /dev/null; then wheels=(.whl/*.whl); fi
+  "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir ${wheels[@]+"${wheels[@]}"} -e .
+  (cd / && "$py" -c "import benchmarks.cost")  # fails loudly if a dependency is still missing
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # SD-1.5-scale UNet (860M, random weights), fp16, 4x64x64 latents: guidance cost + capture at a 64x64 grid
-$py -m benchmarks.cost --preset sd15 --latent 64 --device cuda --dtype float16 --steps 10 --batch 4 --repeats 3 --out "$out"
+"$py" -m benchmarks.cost --preset sd15 --latent 64 --device cuda --dtype float16 --steps 10 --batch 4 --repeats 3 --out "$out"
 # the same UNet on 32x32 latents: capture overhead at a 32x32 token grid
-$py -m benchmarks.cost --preset sd15 --latent 32 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 \
+"$py" -m benchmarks.cost --preset sd15 --latent 32 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 \
   --benchmarks capture --out "$out"
 # ADM ImageNet-128 conditional architecture (421.5M, random weights), fp16, SAG at output_blocks[8] (32x32)
-$py -m benchmarks.cost --preset adm128 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 --out "$out"
+"$py" -m benchmarks.cost --preset adm128 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 --out "$out"
 # the embedded model (shipped weights), fp32, batch 64
-$py -m benchmarks.cost --preset embedded --device cuda --dtype float32 --steps 20 --batch 64 --repeats 3 --out "$out"
+"$py" -m benchmarks.cost --preset embedded --device cuda --dtype float32 --steps 20 --batch 64 --repeats 3 --out "$out"
 echo "wrote $out/tables/bench.parquet"

@@ -6,16 +6,18 @@ Both sides run on one tiny random SD-1.x-style model built offline (:mod:`sag.mo
 text encoder, UNet2DConditionModel on 16x16x4 latents, AutoencoderKL), sharing the very same UNet / VAE / text
 encoder modules, the same DDIM scheduler config, the same prompts and the same per-image seeds. Settings:
 
-- ``sag_cfg``: diffusers ``sag_scale=0.75, guidance_scale=7.5`` against ours ``build_guidance(model, "sag_cfg",
-  sag_scale=0.75, cfg_scale=6.5)`` (diffusers' g is 1 + w in our convention);
-- ``sag``: diffusers ``sag_scale=0.75, guidance_scale=1.0`` (SAG alone) against ours ``"sag"``, sag_scale 0.75.
+- ``sag_cfg``: diffusers ``sag_scale=s, guidance_scale=1 + w`` against ours ``build_guidance(model, "sag_cfg",
+  sag_scale=s, cfg_scale=w)`` (diffusers' g is 1 + w in our convention);
+- ``sag``: diffusers ``sag_scale=s, guidance_scale=1.0`` (SAG alone) against ours ``"sag"``, sag_scale s.
 
-Ours uses diffusers' layer (mid-block attn1) and blur (kernel 9, sigma 1.0). What is timed is the same work on
+s, w, the layer and the blur come from ``conf/model_guidance/tiny_sd.yaml`` (diffusers' pipeline defaults: s 0.75,
+g 7.5 so w 6.5, the mid-block attn1, kernel 9, blur std 1.0). What is timed is the same work on
 both sides: prompt encoding (the pipeline's ``encode_prompt``, with the empty prompt under CFG) + the DDIM
 sampling loop from the initial noise to the final latents. VAE decoding is excluded from both (the pipeline
 runs with ``output_type="latent"``; ours stops at latents).
 
-The cases are interleaved in one process after one warm-up round (which also counts UNet rows through a hook and
+The cases are interleaved in one process after one warm-up round (which also counts UNet rows with
+``sag.guidance.CallCounter`` on the shared UNet and
 records the final latents for the parity check), ``--repeats`` rounds, the order of ours / diffusers alternating
 from round to round; medians. After each diffusers call the mid-block attn1 processor that the pipeline swaps in
 (and leaves) is restored, so that ours never runs on the pipeline's processor.
@@ -38,33 +40,23 @@ import tempfile
 import pandas as pd
 import torch
 
-from benchmarks.cost import DTYPES, _machine, _timed, append_bench
-from sag.guidance import build_guidance
-from sag.models.tiny_sd_pipeline import SAG_KW, build_tiny_sd, run_pipeline
+from benchmarks.common import DTYPES, append_bench, machine, model_guidance, timed
+from sag.guidance import CallCounter, build_guidance
+from sag.models.tiny_sd_pipeline import build_tiny_sd, run_pipeline
 from sag.sampling import sample
 
 PROMPTS = ["a cat", "the dog", "a cat and the dog", "the cat"]
-SAG_SCALE = 0.75
-GUIDANCE = {"sag_cfg": 7.5, "sag": 1.0}  # diffusers' guidance_scale per setting (ours: cfg_scale = g - 1)
+KINDS = ("sag_cfg", "sag")
 
 
-class RowCounter:
-    """Counts UNet image-evaluations (batch rows of ``sample``) through a forward pre-hook."""
-
-    def __init__(self, unet):
-        self.rows = 0
-        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        x = args[0] if args else kwargs["sample"]
-        self.rows += x.shape[0]
-
-    def remove(self) -> None:
-        self.handle.remove()
+def guidance_scales(kw: dict) -> dict[str, float]:
+    """diffusers' guidance_scale g per setting: 1 + w for sag_cfg, 1.0 (no CFG) for sag; ours: cfg_scale = g - 1."""
+    return {"sag_cfg": 1.0 + float(kw["cfg_scale"]), "sag": 1.0}
 
 
-def make_cases(pipe, model, steps: int, batch: int) -> dict:
-    """name -> zero-argument callable returning the final latents (on the CPU)."""
+def make_cases(pipe, model, steps: int, batch: int, kw: dict) -> dict:
+    """name -> zero-argument callable returning the final latents (on the CPU); ``kw``: ``build_guidance``
+    settings (``model_guidance("tiny_sd")``), whose ``sag_scale`` both sides use."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     seeds = list(range(batch))
     attn1 = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
@@ -74,13 +66,13 @@ def make_cases(pipe, model, steps: int, batch: int) -> dict:
         def fn():
             orig = attn1.processor
             try:
-                return run_pipeline(pipe, prompts, seeds, steps, sag_scale=SAG_SCALE, guidance_scale=g).cpu()
+                return run_pipeline(pipe, prompts, seeds, steps, sag_scale=kw["sag_scale"], guidance_scale=g).cpu()
             finally:
                 attn1.set_processor(orig)  # the pipeline leaves its CrossAttnStoreProcessor on the shared UNet
         return fn
 
     def ours(kind, g):
-        guide = build_guidance(model, kind, sag_scale=SAG_SCALE, cfg_scale=g - 1.0, **SAG_KW)
+        guide = build_guidance(model, kind, **{**kw, "cfg_scale": g - 1.0})
         use_cfg = kind == "sag_cfg"
 
         def fn():
@@ -91,36 +83,35 @@ def make_cases(pipe, model, steps: int, batch: int) -> dict:
         return fn
 
     cases = {}
-    for kind, g in GUIDANCE.items():
+    for kind, g in guidance_scales(kw).items():
         cases[f"diffusers {kind}"] = theirs(g)
         cases[f"ours {kind}"] = ours(kind, g)
     return cases
 
 
-def run(pipe, model, device, steps: int, batch: int, repeats: int) -> tuple[list[dict], dict[str, float]]:
-    """Bench rows (without the run metadata) and parity (max abs latent difference) per setting."""
-    cases = make_cases(pipe, model, steps, batch)
+def run(pipe, model, device, steps: int, batch: int, repeats: int,
+        kw: dict | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Bench rows (without the run metadata) and parity (max abs latent difference) per setting; ``kw``
+    defaults to ``model_guidance("tiny_sd")``."""
+    cases = make_cases(pipe, model, steps, batch, model_guidance("tiny_sd") if kw is None else kw)
     calls, latents = {}, {}
     for name, fn in cases.items():  # warm-up: count UNet rows, keep the latents for parity
-        counter = RowCounter(pipe.unet)
-        try:
+        with CallCounter(pipe.unet) as counter:
             latents[name] = fn()
-        finally:
-            counter.remove()
         calls[name] = counter.rows / batch
     times = {k: [] for k in cases}
     peaks = {k: [] for k in cases}
     for r in range(repeats):
-        for kind in GUIDANCE:
+        for kind in KINDS:
             pair = [f"diffusers {kind}", f"ours {kind}"]
             for name in pair if r % 2 == 0 else pair[::-1]:
-                s, m = _timed(cases[name], device)
+                s, m = timed(cases[name], device)
                 times[name].append(s)
                 peaks[name].append(m)
     med = {k: statistics.median(v) for k, v in times.items()}
-    parity = {kind: float((latents[f"ours {kind}"] - latents[f"diffusers {kind}"]).abs().max()) for kind in GUIDANCE}
+    parity = {kind: float((latents[f"ours {kind}"] - latents[f"diffusers {kind}"]).abs().max()) for kind in KINDS}
     rows = []
-    for kind in GUIDANCE:
+    for kind in KINDS:
         ratio = med[f"ours {kind}"] / med[f"diffusers {kind}"]
         for side in ("ours", "diffusers"):
             name = f"{side} {kind}"
@@ -132,6 +123,7 @@ def run(pipe, model, device, steps: int, batch: int, repeats: int) -> tuple[list
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """Command line: build the tiny SD pipeline, run ours vs diffusers, append the rows to the bench table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -150,12 +142,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         pipe, model = build_tiny_sd(tmp, device, DTYPES[args.dtype])
     rows, parity = run(pipe, model, device, args.steps, args.batch, args.repeats)
     meta = {"model": "tiny_sd_pipeline (16x16x4 latent)", "device": device.type, "dtype": args.dtype,
-            "batch": args.batch, "steps": args.steps, "machine": _machine(device), "date": dt.date.today().isoformat()}
+            "batch": args.batch, "steps": args.steps, "machine": machine(device), "date": dt.date.today().isoformat()}
     df, path = append_bench(rows, meta, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.tail(len(rows))[["setting", "model", "steps", "batch", "calls_per_image", "s_per_image",
                                   "ratio_vs_diffusers", "parity_max_abs"]].to_string(index=False))
-    for kind in GUIDANCE:
+    for kind in KINDS:
         ours, theirs = (r for r in rows if r["setting"].endswith(f" {kind}"))
         print(f"{kind}: ours / diffusers = {ours['ratio_vs_diffusers']:.3f}x "
               f"({ours['s_per_image']:.4f} vs {theirs['s_per_image']:.4f} s/image), "

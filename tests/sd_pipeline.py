@@ -3,7 +3,6 @@ that import ``sd_pipeline`` from tests/ (on sys.path under pytest). Not a test m
 
 from sag.models.tiny_sd_pipeline import (  # noqa: F401
     MERGES,
-    SAG_KW,
     SAG_LAYER,
     build_text_encoder,
     build_tiny_sd,

@@ -1,27 +1,51 @@
-"""Shared pieces of every guidance wrapper: the trajectory window and prediction-type conversions.
+"""The guidance contract, the trajectory window, prediction-type conversions and call counting.
 
-A guidance is a callable with the model-call contract ``(x_t, t, cond) -> raw model output`` (the
-prediction, with the learned variance appended for learned-variance models), so samplers never know
-about it. Guidance math happens in eps space; results are converted back to the model's prediction type.
+A guidance is a :class:`GuidanceFn`: a callable with the model-call contract ``(x_t, t, cond) -> raw model output``
+(the prediction, with the learned variance appended for learned-variance models) plus two hooks the sampler calls
+unconditionally: ``begin_step(step, num_steps)`` before each iteration and ``validate(size)`` once before sampling.
+:func:`as_guidance` lifts a plain model call (a ``DiffusionModel``, any function) to that contract, so samplers
+never ask which hooks a model call has. Guidance math happens in eps space; results are converted back to the
+model's prediction type. ``t`` may be a scalar (what ``scheduler.timesteps`` yields) or a (b,) tensor everywhere.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sag.errors import SagConfigError
 from sag.models.base import DiffusionModel
 
 
+@runtime_checkable
+class GuidanceFn(Protocol):
+    """What a sampler calls: the model-call contract plus the per-step and before-sampling hooks."""
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor: ...
+
+    def begin_step(self, step: int, num_steps: int) -> None: ...
+
+    def validate(self, size: tuple[int, int]) -> None: ...
+
+
 def check_scale(name: str, value: float) -> float:
+    """``value`` as a finite float, else a :class:`SagConfigError` naming ``name``."""
     value = float(value)
     if not math.isfinite(value):
         raise SagConfigError(f"{name}={value}; accepted: a finite number")
     return value
+
+
+def batch_t(t: Tensor | float, x: Tensor) -> Tensor:
+    """``t`` as a (b,) tensor on ``x``'s device: a scalar (``scheduler.timesteps`` yields 0-d tensors) is expanded
+    to the batch of ``x``; a (b,) tensor is returned as is (values and dtype unchanged)."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
 class Window:
@@ -41,10 +65,12 @@ class Window:
         self.active = True
 
     def contains(self, step: int, num_steps: int) -> bool:
+        """Whether iteration ``step`` of ``num_steps`` lies in [start, stop) (stop = 1 includes the end)."""
         frac = step / max(num_steps, 1)
         return self.start <= frac < self.stop or (self.stop == 1.0 and frac >= 1.0)
 
     def update(self, step: int, num_steps: int) -> None:
+        """Set ``active`` for iteration ``step`` (window and every-k schedule)."""
         self.active = self.contains(step, num_steps)
         if self.active and self.every > 1:
             first = next(i for i in range(step + 1) if self.contains(i, num_steps))
@@ -52,24 +78,38 @@ class Window:
 
 
 class Guidance:
-    """Base class: a model (for its schedule and prediction type), an inner model call, a window."""
+    """Base class of every guidance: a model (for its schedule and prediction type), an inner model call, a window.
+
+    ``inner`` (default: the model) is lifted with :func:`as_guidance`, so the hooks forward to it unconditionally.
+    ``start``/``stop``/``every`` are fixed at construction (:class:`Window`); the wrapped call and the window are
+    not meant to be replaced afterwards (count calls with :class:`CallCounter` on the network instead).
+    """
 
     def __init__(self, model: DiffusionModel, inner=None, start: float = 0.0, stop: float = 1.0, every: int = 1):
         self.model = model
-        self.inner = inner if inner is not None else model
+        self.inner = as_guidance(inner if inner is not None else model)
         self.window = Window(start, stop, every)
 
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
     def begin_step(self, step: int, num_steps: int) -> None:
+        """Update this wrapper's window(s) for sampler iteration ``step``, then the inner call's."""
         self.window.update(step, num_steps)
-        if hasattr(self.inner, "begin_step"):
-            self.inner.begin_step(step, num_steps)
+        self.inner.begin_step(step, num_steps)
+
+    def validate(self, size: tuple[int, int]) -> None:
+        """Check settings that depend on the sample size (H, W); called before sampling starts."""
+        self.inner.validate(size)
 
     # --- conversions between raw outputs and eps --------------------------------------------------
     def to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(eps, learned variance or None) from a raw model output."""
         pred, var = self.model.split(out)
         return self.model.schedule.to_eps(pred, x_t, t, self.model.prediction_type), var
 
     def from_eps(self, eps: Tensor, x_t: Tensor, t: Tensor, var: Tensor | None) -> Tensor:
+        """A raw model output (the model's prediction type, variance appended) from a guided eps."""
         m = self.model
         if m.prediction_type == "epsilon":
             pred = eps
@@ -79,23 +119,68 @@ class Guidance:
         return pred if var is None else torch.cat([pred, var], dim=1)
 
     def x0(self, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The x0 estimate from eps (clipped to [-1, 1] for pixel models, as ADM's clip_denoised)."""
         x0 = self.model.schedule.to_x0(eps, x_t, t, "epsilon")
         return x0.clamp(-1, 1) if self.model.clip_denoised else x0
 
+
+class ModelCall(Guidance):
+    """A plain model call (a ``DiffusionModel`` or any ``(x_t, t, cond) -> output`` function) as a guidance that
+    guides nothing: calls pass through unchanged, ``begin_step`` is a no-op, ``validate`` checks the model's own
+    size constraints when ``fn`` is a ``DiffusionModel``."""
+
+    def __init__(self, fn: Callable[..., Tensor]):
+        if isinstance(fn, Guidance):
+            raise TypeError("ModelCall wraps a plain model call; a Guidance already keeps the contract")
+        self.model = fn if isinstance(fn, DiffusionModel) else None
+        self.inner = fn
+        self.window = Window()
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.inner(x_t, t, cond)
+
+    def begin_step(self, step: int, num_steps: int) -> None:
+        """Nothing to schedule."""
+
     def validate(self, size: tuple[int, int]) -> None:
-        """Check settings that depend on the sample size; called before sampling starts."""
-        if hasattr(self.inner, "validate"):
-            self.inner.validate(size)
+        """The model's own size check (e.g. DiT needs a square latent); nothing for a plain function."""
+        if self.model is not None:
+            self.model.validate(size)
+
+
+def as_guidance(fn) -> Guidance:
+    """``fn`` itself if it is a :class:`Guidance`, else ``fn`` wrapped in a pass-through :class:`ModelCall`: the
+    result keeps the :class:`GuidanceFn` contract, so callers invoke its hooks without checking for them."""
+    return fn if isinstance(fn, Guidance) else ModelCall(fn)
 
 
 class CallCounter:
-    """The model-call contract around ``fn`` that counts calls and rows (image-evaluations): put it innermost
-    (``guidance.inner = CallCounter(model)``) to count what a guidance really costs per image."""
+    """Counts the forward calls of a denoising network and their rows (image-evaluations), as a removable hook.
 
-    def __init__(self, fn):
-        self.fn, self.calls, self.rows = fn, 0, 0
+    ``with CallCounter(model.net) as counter: sample(...)`` registers a forward pre-hook (torch's
+    ``register_forward_pre_hook(..., with_kwargs=True)``, in the spirit of diffusers' ``hooks/hooks.py``) that adds
+    1 to ``calls`` and the batch size of the first tensor argument to ``rows`` (CFG's one 2B call counts 2B rows;
+    SAG's degraded pass B more). The hook is removed when the block ends, also on an exception. Counts
+    accumulate over every ``with`` block of one counter. Per image: ``rows / images``.
+    """
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __init__(self, net: nn.Module):
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"CallCounter counts an nn.Module's forward calls (e.g. model.net); got {type(net)!r}")
+        self.net, self.calls, self.rows = net, 0, 0
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         self.calls += 1
-        self.rows += x_t.shape[0]
-        return self.fn(x_t, t, cond)
+        self.rows += 0 if x is None or x.ndim == 0 else x.shape[0]
+
+    def __enter__(self) -> CallCounter:
+        if self._handle is not None:
+            raise RuntimeError("this CallCounter is already counting (nested with blocks)")
+        self._handle = self.net.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None

@@ -7,21 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sag.masks import attention_token_mask
 from sag.schedule import VPSchedule
 
 
-def gaussian_kernel1d(kernel_size: int, sigma: float, dtype=torch.float32, device=None) -> Tensor:
-    """Normalised 1-D Gaussian on ``kernel_size`` integer offsets centred on 0 (torchvision's
-    ``_get_gaussian_kernel1d``, which diffusers' ``gaussian_blur_2d`` copies)."""
+def gaussian_kernel1d(kernel_size: int, blur_sigma: float, dtype=torch.float32, device=None) -> Tensor:
+    """Normalised 1-D Gaussian of standard deviation ``blur_sigma`` (pixels or latent cells) on ``kernel_size``
+    integer offsets centred on 0 (torchvision's ``_get_gaussian_kernel1d``, which diffusers' ``gaussian_blur_2d``
+    copies)."""
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size)
-    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    pdf = torch.exp(-0.5 * (x / blur_sigma).pow(2))
     return (pdf / pdf.sum()).to(device=device, dtype=dtype)
 
 
-def gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (b, c, H, W) with reflect padding, per channel (G_sigma * x)."""
-    k = gaussian_kernel1d(kernel_size, sigma, x.dtype, x.device)
+def gaussian_blur(x: Tensor, kernel_size: int, blur_sigma: float) -> Tensor:
+    """Separable Gaussian blur of (b, c, H, W) with reflect padding, per channel (G * x, the paper's G_sigma with
+    std ``blur_sigma``)."""
+    k = gaussian_kernel1d(kernel_size, blur_sigma, x.dtype, x.device)
     c, pad = x.shape[1], kernel_size // 2
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, k.reshape(1, 1, kernel_size, 1).expand(c, 1, kernel_size, 1), groups=c)
@@ -32,10 +35,10 @@ def attention_mask(received: Tensor, psi: float, size: tuple[int, int]) -> Tenso
     """M_t: tokens whose received attention exceeds psi, nearest-upsampled to ``size``.
 
     ``received`` (b, h, w) is the head-mean attention summed over queries; its mean over keys is exactly 1,
-    so psi = 1.0 keeps the keys that receive more than average attention (official code: ``> 1.0``).
-    Returns a float mask (b, 1, H, W).
+    so psi = 1.0 keeps the keys that receive more than average attention (official code: ``> 1.0``; the rule
+    is :func:`sag.masks.attention_token_mask`). Returns a float mask (b, 1, H, W).
     """
-    mask = (received > psi).to(received.dtype).unsqueeze(1)
+    mask = attention_token_mask(received, psi).to(received.dtype).unsqueeze(1)
     return F.interpolate(mask, size=tuple(size), mode="nearest")
 
 
@@ -47,16 +50,16 @@ def union_masks(masks: list[Tensor]) -> Tensor:
     return out
 
 
-def blur_where(x0: Tensor, mask: Tensor, kernel_size: int, sigma: float) -> Tensor:
-    """Selective blurring: (1 - M) * x0 + M * (G_sigma * x0)."""
-    return gaussian_blur(x0, kernel_size, sigma) * mask + x0 * (1 - mask)
+def blur_where(x0: Tensor, mask: Tensor, kernel_size: int, blur_sigma: float) -> Tensor:
+    """Selective blurring: (1 - M) * x0 + M * (G * x0), G the Gaussian of std ``blur_sigma``."""
+    return gaussian_blur(x0, kernel_size, blur_sigma) * mask + x0 * (1 - mask)
 
 
 def degrade(x0: Tensor, eps: Tensor, mask: Tensor, t: Tensor, schedule: VPSchedule,
-            kernel_size: int, sigma: float) -> Tensor:
+            kernel_size: int, blur_sigma: float) -> Tensor:
     """x_bar_t = sqrt(ab_t) [(1 - M) x0 + M (G * x0)] + sqrt(1 - ab_t) eps: blur the x0 estimate inside the
     mask and re-noise it to the same t with the *same* predicted noise (paper Fig. 3, selective blurring)."""
-    return schedule.add_noise(blur_where(x0, mask, kernel_size, sigma), eps, t)
+    return schedule.add_noise(blur_where(x0, mask, kernel_size, blur_sigma), eps, t)
 
 
 def sag_combine(eps: Tensor, eps_degraded: Tensor, scale: float) -> Tensor:

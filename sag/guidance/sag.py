@@ -6,10 +6,12 @@ Per guided step (paper Sec. 4, official ``p_sample``/``ddim_sample``):
 2. M_t = nearest-upsampled [received(A_t) > psi] (union over the selected layers; all ones for blur
    guidance);
 3. x0 estimate from eps(x_t) (clipped for pixel models, as ADM's clip_denoised);
-4. x_bar_t = sqrt(ab) [(1 - M) x0 + M G_sigma(x0)] + sqrt(1 - ab) eps(x_t)  (same t, same noise);
+4. x_bar_t = sqrt(ab) [(1 - M) x0 + M G(x0)] + sqrt(1 - ab) eps(x_t), G a Gaussian blur of std ``blur_sigma``
+   (same t, same noise);
 5. a second model call on x_bar_t (unconditional under CFG);
 6. eps~ = eps + s (eps - eps(x_bar_t))  (Eq. 16), or with CFG Eq. 25.
-Learned variance is taken from the first pass. Outside the window a step costs one model call.
+Learned variance is taken from the first pass. Outside the window a step costs one model call. ``t`` may be a
+scalar or a (b,) tensor.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 from sag.attention import select_layers
 from sag.capture import AttentionStore, capture_attention
 from sag.errors import SagConfigError
-from sag.guidance.base import Guidance, Window, check_scale
+from sag.guidance.base import Guidance, Window, batch_t, check_scale
 from sag.guidance.cfg import require_cond, uncond_cond_batch
 from sag.guidance.functions import attention_mask, cfg_combine, degrade, sag_cfg_combine, sag_combine, union_masks
 from sag.models.base import DiffusionModel
@@ -33,8 +35,9 @@ class SelfAttentionGuidance(Guidance):
 
     ``scale`` is the paper's s (0 = off; the official code's flag is 1 + s). ``layers`` are name patterns
     (see :mod:`sag.attention`); several layers give the union of their masks. ``cfg_scale`` is w of
-    classifier-free guidance (0 = no CFG), with its own ``cfg_start``/``cfg_stop`` window. ``every = k`` guides
-    every k-th step of the SAG window only (the others: one plain or CFG call); CFG keeps its own window.
+    classifier-free guidance (0 = no CFG), with its own ``cfg_start``/``cfg_stop`` window. ``start``/``stop``/
+    ``every`` are the SAG window: ``every = k`` guides every k-th step of it only (the others: one plain or CFG
+    call); CFG keeps its own window. ``kernel_size`` (odd) and ``blur_sigma`` (std) are in pixels or latent cells.
     """
 
     def __init__(self, model: DiffusionModel, scale: float = 0.75, layers="mid_block.*", psi: float = 1.0,
@@ -51,7 +54,7 @@ class SelfAttentionGuidance(Guidance):
         if self.psi <= 0:
             raise SagConfigError(f"psi={psi}; accepted: psi > 0 (1.0 = above-mean received attention)")
         if self.blur_sigma <= 0:
-            raise SagConfigError(f"blur_sigma={blur_sigma}; accepted: sigma > 0")
+            raise SagConfigError(f"blur_sigma={blur_sigma}; accepted: blur_sigma > 0")
         if isinstance(kernel_size, bool) or int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
             raise SagConfigError(f"kernel_size={kernel_size}; accepted: an odd positive integer")
         self.kernel_size = int(kernel_size)
@@ -63,10 +66,12 @@ class SelfAttentionGuidance(Guidance):
         self.store = AttentionStore()
 
     def begin_step(self, step: int, num_steps: int) -> None:
+        """Update the SAG window, the CFG window, then the inner call's."""
         super().begin_step(step, num_steps)
         self.cfg_window.update(step, num_steps)
 
     def validate(self, size: tuple[int, int]) -> None:
+        """Refuse a blur kernel larger than the sample's smaller side (H, W); then the inner call's checks."""
         super().validate(size)
         if self.kernel_size > min(size):
             raise SagConfigError(f"kernel_size={self.kernel_size} is larger than the {size[0]}x{size[1]} "
@@ -74,6 +79,7 @@ class SelfAttentionGuidance(Guidance):
 
     def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         use_cfg = self.cfg_scale != 0 and self.cfg_window.active
+        t = batch_t(t, x)
         if not (self.window.active and self.scale != 0):
             return self._cfg_only(x, t, cond) if use_cfg else self.inner(x, t, cond)
         b = x.shape[0]

@@ -16,8 +16,9 @@ Usage::
     cond, uncond = encode(pipe, "a cat")                     # each (1, 77, 32), as the pipeline uses them
     # initial latents: torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
     #                  * pipe.scheduler.init_noise_sigma   (== 1.0 for DDIM)
-    # our side: build_guidance(model, "sag_cfg", sag_scale=0.75, cfg_scale=6.5, **SAG_KW) and
-    #           sample(model, pipe.scheduler, steps=5, seeds=[0], cond=cond, model_fn=...) -> the same latents
+    # our side: build_guidance(model, "sag_cfg", sag_scale=0.75, cfg_scale=6.5, layers=SAG_LAYER, kernel_size=9,
+    #           blur_sigma=1.0) and sample(model, pipe.scheduler, steps=5, seeds=[0], cond=cond, model_fn=...)
+    #           -> the same latents (those settings: conf/model_guidance/tiny_sd.yaml, which callers read)
 
 Components (all random, under ``torch.manual_seed(0)`` inside ``torch.random.fork_rng()``): a byte-level
 ``CLIPTokenizer`` from a hand-written vocab/merges (pads to 77), a 2-layer ``CLIPTextModel`` (hidden 32), a
@@ -44,9 +45,9 @@ from sag.models.tiny import _sharpen, tiny_sd_components
 if TYPE_CHECKING:
     from diffusers import StableDiffusionSAGPipeline
 
-# The layer diffusers' SAG pipeline hooks, and its fixed blur (kernel 9, sigma 1.0): our equivalent settings.
+# The layer diffusers' SAG pipeline hooks (its blur is fixed at kernel 9, std 1.0). Our settings for this model,
+# layer included, live in conf/model_guidance/tiny_sd.yaml: the benchmark and tests read them there.
 SAG_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
-SAG_KW = {"layers": SAG_LAYER, "kernel_size": 9, "blur_sigma": 1.0}
 
 MERGES = [("t", "h"), ("c", "a"), ("ca", "t</w>"), ("th", "e</w>"), ("o", "g</w>"), ("d", "og</w>")]
 
@@ -169,5 +170,5 @@ def encode(pipe: StableDiffusionSAGPipeline, prompt: str | Sequence[str]) -> tup
     return cond, uncond
 
 
-__all__ = ["MERGES", "SAG_KW", "SAG_LAYER", "build_text_encoder", "build_tiny_sd", "build_tiny_sd_sag_pipeline",
+__all__ = ["MERGES", "SAG_LAYER", "build_text_encoder", "build_tiny_sd", "build_tiny_sd_sag_pipeline",
            "build_tokenizer", "diffusion_model", "encode", "run_pipeline", "write_tokenizer_files"]
