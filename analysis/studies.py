@@ -1,8 +1,9 @@
-"""Orchestration of the attention studies on a run dir: records + images -> tidy tables (paper Sec. 2).
+"""The attention studies on a run dir, one function per study: records + images -> tidy tables (paper Sec. 2).
 
-``run_studies(run_dir, settings)`` reads ``records/`` (sag.records), the final images ``samples/*.png`` and, for
-Exp. C, the mask files written by :mod:`sag.probe`, and writes ``tables/attention_timesteps``, ``frequency``,
-``frequency_surface``, ``object_correlation`` and ``stats`` (columns: :mod:`analysis.schemas`).
+:func:`study_timesteps`, :func:`study_frequency` and :func:`study_correlation` turn ``records/`` (sag.records),
+the final images ``samples/*.png`` and, for Exp. C, the masks of :mod:`sag.probe` into the tables
+``attention_timesteps``, ``frequency``, ``frequency_surface`` and ``object_correlation`` (columns:
+:mod:`analysis.schemas`). :func:`analysis.driver.run_studies` runs them on a run dir, with stats and claims.
 
 Patch sizes: the paper varies the pixel patch one token covers (8, 16, 32 px on 256 px images, Sec. 2.4). A
 layer with an h x w grid on H x W images has a native patch p0 = H / h; a requested patch p (a multiple of p0
@@ -17,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from safetensors import safe_open
 
-from analysis.correlation import check_psi, correlate, highfreq_masks, pool_received
+from analysis.correlation import correlate, pool_received
 from analysis.frequency import analyse_frequency, patch_spectra
+from analysis.images import load_images as load_images  # re-export: the run dir's images
 from analysis.schemas import validate
 from analysis.stats import TESTS
 from analysis.tables import check_rows
 from analysis.timesteps import measure_timesteps
 from sag.errors import SagConfigError
-from sag.records import RecordReader, RecordsError
+from sag.masks import check_psi, high_frequency_mask
+from sag.records import RecordArrays, RecordReader, RecordsError
 
 SOURCES = ("final", "x0")
 MODES = ("scenes", "samples")
@@ -79,19 +80,6 @@ def open_records(root: str | Path) -> RecordReader:
         raise SagConfigError(str(e)) from None
 
 
-def load_images(run_dir: str | Path, seeds: list[int] | None = None) -> tuple[list[int], np.ndarray]:
-    """(seeds, (n, C, H, W) float32 in [-1, 1]) from ``samples/<seed>.png`` (the decoded final images)."""
-    paths = sorted((Path(run_dir) / "samples").glob("[0-9]*.png"))
-    found = {int(p.stem): p for p in paths}
-    seeds = sorted(found) if seeds is None else list(seeds)
-    lost = [s for s in seeds if s not in found]
-    if not found or lost:
-        raise SagConfigError(f"{Path(run_dir) / 'samples'}: no image for seeds {lost or 'any'}")
-    arr = np.stack([np.asarray(Image.open(found[s])) for s in seeds]).astype(np.float32) / 127.5 - 1
-    arr = arr[..., None] if arr.ndim == 3 else arr
-    return seeds, arr.transpose(0, 3, 1, 2)
-
-
 def layer_patches(grid: tuple[int, int], image_hw: tuple[int, int],
                   patch_sizes: list[int] | None) -> list[tuple[int, int]]:
     """[(patch, pool factor)] usable for a layer: requested sizes that are multiples of its native patch."""
@@ -105,57 +93,6 @@ def layer_patches(grid: tuple[int, int], image_hw: tuple[int, int],
         if hh % p or ww % p:
             raise SagConfigError(f"patch size {p} does not divide the {hh}x{ww} images; accepted: divisors of both")
     return [(p, p // native) for p in patch_sizes if p % native == 0]
-
-
-class RecordArrays:
-    """Numpy arrays of a records dir by (layer, reduction, step), rows in ``seeds`` order. Each step's shards are
-    opened once and every wanted tensor of the step is read from them (``RecordReader.get`` filters the index
-    and reopens the shards per call, which costs more than the analysis itself)."""
-
-    def __init__(self, reader: RecordReader, seeds: list[int], reductions=("received", "row_entropy", "x0")):
-        self.reader, self.seeds = reader, list(seeds)
-        ix = reader.index
-        self.index = ix[(ix.call == 0) & (ix.branch == 0) & ix.reduction.isin(list(reductions))]
-        self.by_step = {int(s): g for s, g in self.index.groupby("step")}
-        self.cache: dict[int, dict[tuple[str, str], np.ndarray]] = {}
-
-    def _load(self, step: int) -> dict[tuple[str, str], np.ndarray]:
-        parts: dict[tuple[str, str], list] = {}
-        for shard, g in self.by_step[step].groupby("shard", sort=False):
-            path = self.reader.root / "shards" / shard
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for (key, layer, red), gk in g.groupby(["key", "layer", "reduction"], sort=False):
-                        arr = f.get_tensor(key).float().numpy()
-                        parts.setdefault((layer, red), []).append((gk["seed"].to_numpy(), arr[gk["row"].to_numpy()]))
-            except OSError as e:
-                raise SagConfigError(f"{path}: unreadable records shard ({e})") from None
-        out = {}
-        for k, chunks in parts.items():
-            seeds = np.concatenate([c[0] for c in chunks])
-            arr = np.concatenate([c[1] for c in chunks])
-            pos = {int(s): i for i, s in enumerate(seeds)}
-            lost = [s for s in self.seeds if s not in pos]
-            if lost:
-                raise SagConfigError(f"{self.reader.root}: no {k[1]!r} record of layer {k[0]!r} at step {step} for "
-                                     f"seeds {lost[:5]}")
-            out[k] = arr[[pos[s] for s in self.seeds]]
-        return out
-
-    def get(self, layer: str, reduction: str, step: int) -> np.ndarray:
-        if step not in self.cache:
-            if step not in self.by_step:
-                raise SagConfigError(f"{self.reader.root}: no records at step {step}; steps: {sorted(self.by_step)}")
-            self.cache[step] = self._load(step)
-        try:
-            return self.cache[step][(layer, reduction)]
-        except KeyError:
-            raise SagConfigError(f"{self.reader.root}: no {reduction!r} record of layer {layer!r} at step "
-                                 f"{step}") from None
-
-    def steps(self, layer: str, reduction: str, steps: list[int]) -> np.ndarray:
-        """(S, n, ...) over steps."""
-        return np.stack([self.get(layer, reduction, s) for s in steps])
 
 
 class Collector:
@@ -275,7 +212,7 @@ def scene_targets(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     objects; texture off objects) and the image-derived high-frequency mask."""
     obj, tex = masks["object_mask"].astype(bool), masks["texture_mask"].astype(bool)
     return {"object": obj, "texture": tex, "smooth_object": obj & ~tex, "texture_background": tex & ~obj,
-            "highfreq": highfreq_masks(masks["image"])}
+            "highfreq": high_frequency_mask(masks["image"])}
 
 
 def run_meta(run_dir: Path) -> tuple[str, str, float | None]:

@@ -174,6 +174,23 @@ class RecordingProcessor:
     def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, exact: bool = True):
         self.name, self.sinks, self.tracker, self.exact = name, sinks, tracker, exact
 
+    @torch.no_grad()
+    def _record(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                grid: tuple[int, int], cross: bool) -> Tensor | None:
+        """Record softmax(q k^T / sqrt(d) + mask), the probabilities SDPA computes internally (its default scale),
+        into every sink. Returns probs @ v when ``exact`` is off (cheaper, equal to SDPA up to float rounding),
+        else None. q, k, v: (b, heads, tokens, d)."""
+        head_dim = query.shape[-1]
+        # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
+        scores = torch.matmul(query.float() * head_dim**-0.5, key.float().transpose(-1, -2))
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(-1)
+        for sink in self.sinks:
+            data = reduce_probs(probs, grid, cross, sink.reductions, sink.query_stride)
+            sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, data))
+        return None if self.exact else torch.matmul(probs.to(value.dtype), value)
+
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
         # --- identical to diffusers AttnProcessor2_0 ---
@@ -210,24 +227,13 @@ class RecordingProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # --- recording: the probabilities SDPA computes internally (default scale 1/sqrt(head_dim)) ---
-        with torch.no_grad():
-            grid = (height, width) if input_ndim == 4 else self.tracker.resolve(self.name, query.shape[2])
-            # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
-            scores = torch.matmul(query.float() * head_dim**-0.5, key.float().transpose(-1, -2))
-            if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            probs = scores.softmax(-1)
-            for sink in self.sinks:
-                data = reduce_probs(probs, grid, cross, sink.reductions, sink.query_stride)
-                sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, data))
-
-            if not self.exact:  # reuse the probabilities: cheaper, equal to SDPA up to float rounding
-                hidden_states = torch.matmul(probs.to(value.dtype), value)
-            del scores, probs
+        grid = (height, width) if input_ndim == 4 else self.tracker.resolve(self.name, query.shape[2])
+        reused = self._record(query, key, value, attention_mask, grid, cross)
 
         # --- identical to diffusers AttnProcessor2_0 ---
-        if self.exact:
+        if reused is not None:  # exact=False: the output from the recorded probabilities
+            hidden_states = reused
+        else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )

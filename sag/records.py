@@ -9,16 +9,21 @@ Layout of ``<run>/records/``::
 
 Every shard carries its own index entries in its safetensors metadata, so the index can always be
 rebuilt from the shards (an interrupted run has shards but no index.parquet). All writes go to a temp
-file first and are renamed into place, so a killed run never leaves a half-written shard or index.
+file first and are renamed into place (:mod:`sag.io`), so a killed run never leaves a half-written shard or index.
+
+This module is the only code that knows the format: writing (:class:`RecordWriter`), indexing
+(:func:`build_index`), reading (:class:`RecordReader`, and :class:`RecordArrays` for bulk per-step reads) and
+copying a shard under another batch index when shard runs are merged (:func:`copy_shard`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -26,6 +31,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sag.capture import AttentionRecord
+from sag.errors import SagConfigError
+from sag.io import atomic_path, atomic_write_bytes
+
+__all__ = ["FORMAT", "VERSION", "INDEX_COLUMNS", "RecordsError", "RecordWriter", "RecordReader", "RecordArrays",
+           "atomic_write_bytes", "build_index", "copy_shard", "shard_name"]
 
 FORMAT = "sag-lab-records"
 VERSION = 1
@@ -39,13 +49,8 @@ class RecordsError(RuntimeError):
     """A records directory that cannot be read: names the file and what is wrong."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def shard_name(batch_index: int, step: int) -> str:
+    """File name of the shard of sample batch ``batch_index`` at sampler step ``step``."""
     return f"b{batch_index:05d}-s{step:04d}.safetensors"
 
 
@@ -71,6 +76,7 @@ class RecordWriter:
         records: Iterable[AttentionRecord] = (),
         extras: dict[str, Tensor] | None = None,
     ) -> Path:
+        """Write the shard of one (batch, step): every record's reductions plus ``extras`` (e.g. ``x0``)."""
         tensors: dict[str, Tensor] = {}
         entries = []
         for rec in records:
@@ -87,18 +93,28 @@ class RecordWriter:
         info = {"batch_index": batch_index, "step": step, "num_steps": num_steps,
                 "t": [float(v) for v in t.flatten()], "seeds": [int(s) for s in seeds], "entries": entries}
         path = self.shards / shard_name(batch_index, step)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "info": json.dumps(info)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "info": json.dumps(info)})
         return path
 
     def close(self) -> pd.DataFrame:
         """Write ``index.parquet`` from every shard on disk (including those of an earlier attempt)."""
         index = build_index(self.root)
-        tmp = self.root / "index.parquet.tmp"
-        index.to_parquet(tmp, index=False)
-        os.replace(tmp, self.root / "index.parquet")
+        with atomic_path(self.root / "index.parquet") as tmp:
+            index.to_parquet(tmp, index=False)
         return index
+
+
+def _parse_info(path: Path, meta: dict) -> dict:
+    """The shard's own index entries (``info``) from its safetensors metadata, format and version checked."""
+    if meta.get("format") != FORMAT:
+        raise RecordsError(f"{path}: not a {FORMAT} shard (format={meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise RecordsError(f"{path}: records version {meta.get('version')!r}, this reader reads {VERSION}")
+    try:
+        return json.loads(meta["info"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise RecordsError(f"{path}: shard index metadata is missing or corrupt ({e})") from None
 
 
 def _shard_rows(path: Path) -> list[dict]:
@@ -107,14 +123,7 @@ def _shard_rows(path: Path) -> list[dict]:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise RecordsError(f"{path}: not a readable safetensors shard ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise RecordsError(f"{path}: not a {FORMAT} shard (format={meta.get('format')!r})")
-    if meta.get("version") != str(VERSION):
-        raise RecordsError(f"{path}: records version {meta.get('version')!r}, this reader reads {VERSION}")
-    try:
-        info = json.loads(meta["info"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise RecordsError(f"{path}: shard index metadata is missing or corrupt ({e})") from None
+    info = _parse_info(path, meta)
     seeds, ts = info["seeds"], info["t"]
     n = len(seeds)
     rows = []
@@ -135,6 +144,33 @@ def build_index(root: str | Path) -> pd.DataFrame:
     for path in sorted((Path(root) / "shards").glob("*.safetensors")):
         rows.extend(_shard_rows(path))
     return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+
+
+def copy_shard(src: str | Path, dst_dir: str | Path, batch_offset: int = 0) -> str:
+    """Copy the record shard ``src`` into ``dst_dir`` with its batch index moved by ``batch_offset`` (how
+    :func:`sag.shards.merge_runs` renumbers shard runs). Only the header is rewritten; the tensor bytes are
+    streamed unchanged, so memory stays flat whatever the shard size. Returns the new file name."""
+    src = Path(src)
+    with open(src, "rb") as f:
+        # safetensors layout: u64 little-endian header length, JSON header, tensor bytes
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecordsError(f"{src}: not a readable safetensors shard ({e})") from None
+        meta = header.get("__metadata__") or {}
+        info = _parse_info(src, meta)
+        info["batch_index"] = int(info["batch_index"]) + batch_offset
+        meta["info"] = json.dumps(info)
+        header["__metadata__"] = meta
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+        name = shard_name(info["batch_index"], int(info["step"]))
+        with atomic_path(Path(dst_dir) / name) as tmp, open(tmp, "wb") as g:
+            g.write(len(raw).to_bytes(8, "little"))
+            g.write(raw)
+            shutil.copyfileobj(f, g, 1 << 20)
+    return name
 
 
 class RecordReader:
@@ -171,18 +207,22 @@ class RecordReader:
 
     @property
     def layers(self) -> list[str]:
+        """Recorded layer names (fully qualified), sorted."""
         return sorted(x for x in self.index["layer"].unique() if x)
 
     @property
     def steps(self) -> list[int]:
+        """Recorded sampler steps, ascending."""
         return sorted(int(s) for s in self.index["step"].unique())
 
     @property
     def seeds(self) -> list[int]:
+        """Recorded seeds, ascending."""
         return sorted(int(s) for s in self.index["seed"].unique())
 
     def select(self, layer: str, reduction: str, step: int, seeds: Sequence[int] | None = None,
                call: int = 0, branch: int = 0) -> pd.DataFrame:
+        """Index rows of one (layer, reduction, step, call, branch), in ``seeds`` order (default: ascending)."""
         ix = self.index
         sel = ix[(ix.layer == layer) & (ix.reduction == reduction) & (ix.step == step) & (ix.call == call)
                  & (ix.branch == branch)]
@@ -221,3 +261,62 @@ class RecordReader:
     def x0(self, step: int, seeds: Sequence[int] | None = None) -> Tensor:
         """x0 estimates (n, C, H, W) at a sampler step."""
         return self.get("", "x0", step, seeds)
+
+
+class RecordArrays:
+    """Numpy arrays of a records dir by (layer, reduction, step), rows in ``seeds`` order. Each step's shards are
+    opened once and every wanted tensor of the step is read from them (``RecordReader.get`` filters the index
+    and reopens the shards per call, which costs more than the analysis itself).
+
+    Missing or unreadable data raises :class:`~sag.errors.SagConfigError` (one line naming the records dir):
+    the analyses ask for steps, layers and seeds their configuration names."""
+
+    def __init__(self, reader: RecordReader, seeds: list[int], reductions=("received", "row_entropy", "x0")):
+        self.reader, self.seeds = reader, list(seeds)
+        ix = reader.index
+        self.index = ix[(ix.call == 0) & (ix.branch == 0) & ix.reduction.isin(list(reductions))]
+        self.by_step = {int(s): g for s, g in self.index.groupby("step")}
+        self.cache: dict[int, dict[tuple[str, str], np.ndarray]] = {}
+
+    def _read_step(self, step: int) -> dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]]:
+        """(layer, reduction) -> [(seeds, rows)] read from the step's shards, each shard opened once."""
+        parts: dict[tuple[str, str], list] = {}
+        for shard, g in self.by_step[step].groupby("shard", sort=False):
+            path = self.reader.root / "shards" / shard
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for (key, layer, red), gk in g.groupby(["key", "layer", "reduction"], sort=False):
+                        arr = f.get_tensor(key).float().numpy()
+                        parts.setdefault((layer, red), []).append((gk["seed"].to_numpy(), arr[gk["row"].to_numpy()]))
+            except OSError as e:
+                raise SagConfigError(f"{path}: unreadable records shard ({e})") from None
+        return parts
+
+    def _load(self, step: int) -> dict[tuple[str, str], np.ndarray]:
+        out = {}
+        for k, chunks in self._read_step(step).items():
+            seeds = np.concatenate([c[0] for c in chunks])
+            arr = np.concatenate([c[1] for c in chunks])
+            pos = {int(s): i for i, s in enumerate(seeds)}
+            lost = [s for s in self.seeds if s not in pos]
+            if lost:
+                raise SagConfigError(f"{self.reader.root}: no {k[1]!r} record of layer {k[0]!r} at step {step} for "
+                                     f"seeds {lost[:5]}")
+            out[k] = arr[[pos[s] for s in self.seeds]]
+        return out
+
+    def get(self, layer: str, reduction: str, step: int) -> np.ndarray:
+        """float32 array (n, ...) of one layer and reduction at a sampler step, rows in ``seeds`` order."""
+        if step not in self.cache:
+            if step not in self.by_step:
+                raise SagConfigError(f"{self.reader.root}: no records at step {step}; steps: {sorted(self.by_step)}")
+            self.cache[step] = self._load(step)
+        try:
+            return self.cache[step][(layer, reduction)]
+        except KeyError:
+            raise SagConfigError(f"{self.reader.root}: no {reduction!r} record of layer {layer!r} at step "
+                                 f"{step}") from None
+
+    def steps(self, layer: str, reduction: str, steps: list[int]) -> np.ndarray:
+        """(S, n, ...) over steps."""
+        return np.stack([self.get(layer, reduction, s) for s in steps])

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from sag.capture import AttentionStore, CaptureSpec, capture_attention
 from sag.errors import SagConfigError
+from sag.io import atomic_path, atomic_write_bytes
 from sag.models.base import DiffusionModel
-from sag.records import RecordWriter, atomic_write_bytes
+from sag.records import RecordWriter
 from sag.sampling import StepInfo, sample
 from sag.seeds import format_seeds
 
@@ -42,6 +43,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def save_grid(images: np.ndarray, path: Path, ncol: int = 8) -> None:
+    """Write (n, H, W, C) uint8 ``images`` as one PNG grid (``ncol`` per row, 2 px white gaps), atomically."""
     n, h, w, c = images.shape
     ncol = min(ncol, n)
     nrow = -(-n // ncol)
@@ -49,7 +51,34 @@ def save_grid(images: np.ndarray, path: Path, ncol: int = 8) -> None:
     for k, im in enumerate(images):
         r, q = divmod(k, ncol)
         grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = im
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    with atomic_path(path) as tmp:  # the temp name ends in .tmp: name the format
+        Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp, format="PNG")
+
+
+# ---- sample batches: samples/batch-<bi>.safetensors = {"x": (b, C, H, W)} + metadata {"seeds": [...]} ----------
+
+
+def batch_path(samples_dir: Path, batch_index: int) -> Path:
+    """Where sample batch ``batch_index`` of a run is stored."""
+    return samples_dir / f"batch-{batch_index:05d}.safetensors"
+
+
+def write_batch(path: Path, x: Tensor, seeds: list[int]) -> None:
+    """Atomically write one batch of model-space samples and its seeds."""
+    with atomic_path(path) as tmp:
+        save_file({"x": x.contiguous()}, tmp, metadata={"seeds": json.dumps(seeds)})
+
+
+def batch_seeds(path: Path) -> list[int]:
+    """The seeds of a sample batch file (reads only its header)."""
+    with safe_open(str(path), framework="pt") as f:
+        return [int(s) for s in json.loads(f.metadata()["seeds"])]
+
+
+def read_batch(path: Path) -> tuple[list[int], Tensor]:
+    """(seeds, samples (b, C, H, W)) of a sample batch file."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["seeds"]), f.get_tensor("x")
 
 
 def load_samples(run_dir: str | Path) -> tuple[list[int], Tensor]:
@@ -57,13 +86,63 @@ def load_samples(run_dir: str | Path) -> tuple[list[int], Tensor]:
     seeds: list[int] = []
     xs: list[Tensor] = []
     for p in sorted((Path(run_dir) / "samples").glob("batch-*.safetensors")):
-        with safe_open(str(p), framework="pt") as f:
-            seeds += json.loads(f.metadata()["seeds"])
-            xs.append(f.get_tensor("x"))
+        bseeds, x = read_batch(p)
+        seeds += bseeds
+        xs.append(x)
     if not xs:
         raise FileNotFoundError(f"{Path(run_dir) / 'samples'}: no sample batches")
     order = np.argsort(seeds)
     return [seeds[i] for i in order], torch.cat(xs)[torch.as_tensor(order)]
+
+
+class _RunOutputs:
+    """The run dir side of sampling: records per step, images and sample batches per batch, finished batches."""
+
+    def __init__(self, model: DiffusionModel, out: Path, capture: CaptureSpec | None, info: dict):
+        self.model, self.samples_dir, self.capture = model, out / "samples", capture
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = RecordWriter(out / "records", capture.dtype, meta=info) if capture else None
+        self.store = AttentionStore()
+
+    def attention(self):
+        """The capture context (a no-op without a capture spec); it yields the store ``on_step`` pops."""
+        c, net = self.capture, self.model.net
+        if c is None:
+            return nullcontext(self.store)
+        return capture_attention(net, c.layers, c.reductions, c.include_cross, c.query_stride, store=self.store,
+                                 exact=c.exact)
+
+    def on_step(self, s: StepInfo) -> None:
+        records = self.store.pop()  # this step's maps; popping keeps memory flat over steps
+        extras = {"x0": s.denoised} if self.capture.record_x0 else None
+        self.writer.write_step(batch_index=s.batch_index, step=s.step, num_steps=s.num_steps, t=s.t,
+                               seeds=s.seeds, records=records, extras=extras)
+
+    def on_batch_end(self, bi: int, bseeds: list[int], x: Tensor) -> None:
+        images = to_uint8(self.model.to_images(x.to(self.model.device, self.model.dtype)))
+        for s, im in zip(bseeds, images):
+            Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(self.samples_dir / f"{s:06d}.png")
+        write_batch(batch_path(self.samples_dir, bi), x, bseeds)
+
+    def done_batch(self, bi: int, bseeds: list[int]) -> Tensor | None:
+        path = batch_path(self.samples_dir, bi)
+        if not path.is_file():
+            return None
+        saved, x = read_batch(path)
+        if saved != list(bseeds):
+            raise SagConfigError(f"{path}: holds other seeds than batch {bi} {bseeds}; use a new run dir")
+        return x
+
+
+def _run_info(model: DiffusionModel, scheduler: SchedulerMixin, steps: int, seeds: list[int], batch_size: int,
+              size: tuple[int, int] | None, capture: CaptureSpec | None, meta: dict | None) -> dict:
+    """The run's configuration as written to run.json (and hashed into its resume key)."""
+    return {"format_version": RUN_FORMAT_VERSION, "model": model.describe(), "scheduler": type(scheduler).__name__,
+            # private diffusers keys (e.g. _use_default_values, filled from a set) vary between processes
+            "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+            "steps": steps, "seeds": format_seeds(seeds),
+            "batch_size": batch_size, "size": list(size) if size else None,
+            "capture": asdict(capture) if capture else None, "guidance": (meta or {}).get("guidance")}
 
 
 def run_sampling(
@@ -86,58 +165,23 @@ def run_sampling(
     to ``samples/`` and (if ``capture``) attention records of every step to ``records/``. Returns the
     manifest written to ``run.json``. Capture records the first model call of each step (call 0)."""
     out = Path(out_dir)
-    samples_dir = out / "samples"
-    info = {"format_version": RUN_FORMAT_VERSION, "model": model.describe(), "scheduler": type(scheduler).__name__,
-            # private diffusers keys (e.g. _use_default_values, filled from a set) vary between processes
-            "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
-            "steps": steps, "seeds": format_seeds(seeds),
-            "batch_size": batch_size, "size": list(size) if size else None,
-            "capture": asdict(capture) if capture else None, "guidance": (meta or {}).get("guidance")}
+    info = _run_info(model, scheduler, steps, seeds, batch_size, size, capture, meta)
     done = _resume_or_start(out, info)
     if done is not None:
         return done
-    samples_dir.mkdir(parents=True, exist_ok=True)
     info.update({k: v for k, v in (meta or {}).items() if k not in info})
-    writer = RecordWriter(out / "records", capture.dtype, meta=info) if capture else None
-    ctx = (capture_attention(model.net, capture.layers, capture.reductions, capture.include_cross,
-                             capture.query_stride, exact=capture.exact) if capture else nullcontext(AttentionStore()))
+    outputs = _RunOutputs(model, out, capture, info)
     started = time.time()
-
-    with ctx as store:
-
-        def on_step(s: StepInfo) -> None:
-            records = store.pop()  # this step's maps; popping keeps memory flat over steps
-            extras = {"x0": s.denoised} if capture.record_x0 else None
-            writer.write_step(batch_index=s.batch_index, step=s.step, num_steps=s.num_steps, t=s.t,
-                              seeds=s.seeds, records=records, extras=extras)
-
-        def on_batch_end(bi: int, bseeds: list[int], x: Tensor) -> None:
-            images = to_uint8(model.to_images(x.to(model.device, model.dtype)))
-            for s, im in zip(bseeds, images):
-                Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(samples_dir / f"{s:06d}.png")
-            path = samples_dir / f"batch-{bi:05d}.safetensors"
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"x": x.contiguous()}, tmp, metadata={"seeds": json.dumps(bseeds)})
-            tmp.replace(path)
-
-        def done_batch(bi: int, bseeds: list[int]) -> Tensor | None:
-            path = samples_dir / f"batch-{bi:05d}.safetensors"
-            if not path.is_file():
-                return None
-            with safe_open(str(path), framework="pt") as f:
-                if json.loads(f.metadata()["seeds"]) != list(bseeds):
-                    raise SagConfigError(f"{path}: holds other seeds than batch {bi} {bseeds}; use a new run dir")
-                return f.get_tensor("x")
-
+    with outputs.attention():
         x = sample(model, scheduler, steps=steps, seeds=seeds, model_fn=model_fn, cond=cond, batch_size=batch_size,
-                   size=size, callback=on_step if writer else None, on_batch_end=on_batch_end, progress=progress,
-                   done_batch=done_batch, checkpoint_dir=out / STATE_DIR, check_finite=check_finite)
-
-    save_grid(to_uint8(model.to_images(x[:64].to(model.device, model.dtype))), samples_dir / "grid.png")
+                   size=size, callback=outputs.on_step if outputs.writer else None,
+                   on_batch_end=outputs.on_batch_end, progress=progress, done_batch=outputs.done_batch,
+                   checkpoint_dir=out / STATE_DIR, check_finite=check_finite)
+    save_grid(to_uint8(model.to_images(x[:64].to(model.device, model.dtype))), outputs.samples_dir / "grid.png")
     manifest = dict(info, status="complete", wall_s=round(time.time() - started, 3),
-                    samples=str(samples_dir), records=str(out / "records") if writer else None)
-    if writer:
-        manifest["record_rows"] = int(len(writer.close()))
+                    samples=str(outputs.samples_dir), records=str(out / "records") if outputs.writer else None)
+    if outputs.writer:
+        manifest["record_rows"] = int(len(outputs.writer.close()))
     atomic_write_bytes(out / RUN_FILE, json.dumps(manifest, indent=2, default=str).encode())
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sag.errors import SagConfigError
+from sag.guidance.base import GuidanceFn, as_guidance
+from sag.io import atomic_path
 from sag.models.base import DiffusionModel
 from sag.schedulers import takes_generator, takes_variance
 
@@ -53,6 +54,28 @@ def _per_sample_cond(cond: Tensor | None, n: int) -> Tensor | None:
     raise SagConfigError(f"cond has {cond.shape[0]} rows for {n} seeds; accepted: one row or one per seed")
 
 
+@dataclass
+class _Batch:
+    """One batch of seeds: its index, its rows of ``cond`` and where its sampler state is saved (or None)."""
+
+    index: int
+    seeds: list[int]
+    cond: Tensor | None
+    state_path: Path | None
+
+
+def _batches(seeds: list[int], cond: Tensor | None, batch_size: int, checkpoint_dir: str | Path | None,
+             device) -> list[_Batch]:
+    """Consecutive batches of ``batch_size`` seeds with their condition rows and state files."""
+    out = []
+    for bi, start in enumerate(range(0, len(seeds), batch_size)):
+        bseeds = seeds[start : start + batch_size]
+        bcond = None if cond is None else cond[start : start + len(bseeds)].to(device)
+        state = Path(checkpoint_dir) / f"batch-{bi:05d}.pt" if checkpoint_dir is not None else None
+        out.append(_Batch(bi, bseeds, bcond, state))
+    return out
+
+
 @torch.no_grad()
 def sample(
     model: DiffusionModel,
@@ -74,9 +97,9 @@ def sample(
     """Sample one image per seed; returns model-space samples (n, C, H, W) on the CPU.
 
     ``model_fn`` is the model-call contract ``(x_t, t, cond) -> raw output`` (default: the model
-    itself); guidance is a wrapper with the same contract. If it has ``validate(size)``, that is called
-    once before sampling; ``begin_step(step, num_steps)``, before each iteration. ``cond`` holds one row
-    per seed (or one row for all).
+    itself); guidance is a wrapper with the same contract. It is lifted with
+    :func:`sag.guidance.base.as_guidance`: ``validate(size)`` is called once before sampling,
+    ``begin_step(step, num_steps)`` before each iteration. ``cond`` holds one row per seed (or one row for all).
 
     Resuming: ``done_batch(bi, seeds)`` may return the finished samples of a batch, which is then skipped;
     with ``checkpoint_dir`` the sampler state (x, scheduler, generators) is saved after every iteration and
@@ -89,63 +112,81 @@ def sample(
         raise SagConfigError(f"batch_size={batch_size}; accepted: a positive integer")
     seeds = [int(s) for s in seeds]
     cond = _per_sample_cond(cond, len(seeds))
-    model_fn = model_fn or model
-    h, w = size or model.sample_size
-    device, dtype = model.device, model.dtype
-    if hasattr(model_fn, "validate"):
-        model_fn.validate((h, w))  # e.g. a blur kernel larger than the sample: fail before any work
-    template = type(scheduler).from_config(scheduler.config)
-    template.set_timesteps(steps)
-    per_batch = len(template.timesteps)
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    guide = as_guidance(model_fn or model)  # the contract's hooks, no-ops for a plain model call
+    size = tuple(size or model.sample_size)
+    guide.validate(size)  # e.g. a blur kernel larger than the sample: fail before any work
+    batches = _batches(seeds, cond, batch_size, checkpoint_dir, model.device)
+    per_batch = _num_iterations(scheduler, steps)
     bar = tqdm(total=per_batch * len(batches), desc="sampling", unit="it", disable=not progress, leave=False)
     outputs = []
-    for bi, bseeds in enumerate(batches):
-        finished = done_batch(bi, bseeds) if done_batch is not None else None
-        if finished is not None:
+    for batch in batches:
+        finished = done_batch(batch.index, batch.seeds) if done_batch is not None else None
+        if finished is not None:  # resuming a run: this batch is already saved
             outputs.append(finished)
             bar.update(per_batch)
             continue
-        sched = type(scheduler).from_config(scheduler.config)  # fresh state per batch (multistep history)
-        sched.set_timesteps(steps, device=device)
-        noise, gens = initial_noise(bseeds, (model.in_channels, h, w), device, dtype)
-        x = noise * sched.init_noise_sigma
-        first = 0
-        state_path = Path(checkpoint_dir) / f"batch-{bi:05d}.pt" if checkpoint_dir is not None else None
-        if state_path is not None and state_path.is_file():
-            first, x, sched = _load_state(state_path, bseeds, gens, device)
-            bar.update(first)
-        start = bi * batch_size
-        bcond = None if cond is None else cond[start : start + len(bseeds)].to(device)
-        step_kwargs = {"generator": gens} if takes_generator(sched) else {}
-        for i, t in enumerate(sched.timesteps):
-            if i < first:
-                continue
-            if hasattr(model_fn, "begin_step"):
-                model_fn.begin_step(i, len(sched.timesteps))
-            x_in = sched.scale_model_input(x, t)
-            tb = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
-            out = model_fn(x_in, tb, bcond)
-            if check_finite:
-                _check_finite(out, i, tb, bseeds)
-            pred, _ = model.split(out)
-            if callback is not None:
-                x0 = model.schedule.to_x0(pred, x_in, tb, model.prediction_type)
-                if model.clip_denoised:
-                    x0 = x0.clamp(-1, 1)
-                callback(StepInfo(i, len(sched.timesteps), tb, x_in, pred, x0, bseeds, bi))
-            x = sched.step(out if takes_variance(sched) else pred, t, x, **step_kwargs).prev_sample
-            if state_path is not None:
-                _save_state(state_path, i + 1, x, sched, bseeds, gens)
-            bar.update(1)
-        x = x.cpu()
+        x = _sample_batch(model, guide, scheduler, steps, batch, size, callback, check_finite, bar)
         if on_batch_end is not None:
-            on_batch_end(bi, bseeds, x)
-        if state_path is not None:
-            state_path.unlink(missing_ok=True)
+            on_batch_end(batch.index, batch.seeds, x)
+        if batch.state_path is not None:  # only once the batch is saved
+            batch.state_path.unlink(missing_ok=True)
         outputs.append(x)
     bar.close()
     return torch.cat(outputs)
+
+
+def _num_iterations(scheduler: SchedulerMixin, steps: int) -> int:
+    """Sampler iterations (model evaluations) per trajectory: Heun makes about two per step."""
+    template = type(scheduler).from_config(scheduler.config)
+    template.set_timesteps(steps)
+    return len(template.timesteps)
+
+
+def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: SchedulerMixin, steps: int, batch: _Batch,
+                  size: tuple[int, int], callback, check_finite: bool, bar) -> Tensor:
+    """One batch's trajectory: x_T from per-seed generators, then for each t: scale_model_input, model call,
+    scheduler step. Returns x_0 (b, C, H, W) on the CPU."""
+    device, dtype = model.device, model.dtype
+    sched = type(scheduler).from_config(scheduler.config)  # fresh state per batch (multistep history)
+    sched.set_timesteps(steps, device=device)
+    noise, gens = initial_noise(batch.seeds, (model.in_channels, *size), device, dtype)
+    x = noise * sched.init_noise_sigma
+    first, x, sched = _resume(batch, x, sched, gens, device, bar)
+    step_kwargs = {"generator": gens} if takes_generator(sched) else {}
+    num_steps = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        if i < first:  # done before an interruption
+            continue
+        guide.begin_step(i, num_steps)
+        x_in = sched.scale_model_input(x, t)  # the sampler's x scaled into the model's (VP) space
+        tb = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
+        out = guide(x_in, tb, batch.cond)
+        if check_finite:
+            _check_finite(out, i, tb, batch.seeds)
+        pred, _ = model.split(out)  # learned variance split off
+        if callback is not None:
+            callback(StepInfo(i, num_steps, tb, x_in, pred, _denoised(model, pred, x_in, tb), batch.seeds,
+                              batch.index))
+        x = sched.step(out if takes_variance(sched) else pred, t, x, **step_kwargs).prev_sample
+        if batch.state_path is not None:
+            _save_state(batch.state_path, i + 1, x, sched, batch.seeds, gens)
+        bar.update(1)
+    return x.cpu()
+
+
+def _denoised(model: DiffusionModel, pred: Tensor, x_in: Tensor, t: Tensor) -> Tensor:
+    """The x0 estimate of a prediction, clipped to [-1, 1] for pixel models (ADM's ``clip_denoised``)."""
+    x0 = model.schedule.to_x0(pred, x_in, t, model.prediction_type)
+    return x0.clamp(-1, 1) if model.clip_denoised else x0
+
+
+def _resume(batch: _Batch, x: Tensor, sched: SchedulerMixin, gens, device, bar):
+    """(first iteration, x, scheduler): the saved state of an interrupted batch if there is one, else as given."""
+    if batch.state_path is None or not batch.state_path.is_file():
+        return 0, x, sched
+    first, x, sched = _load_state(batch.state_path, batch.seeds, gens, device)
+    bar.update(first)
+    return first, x, sched
 
 
 def _check_finite(out: Tensor, step: int, t: Tensor, seeds: list[int]) -> None:
@@ -162,10 +203,9 @@ def _save_state(path: Path, next_step: int, x: Tensor, sched: SchedulerMixin, se
     """Atomically save what the next iteration needs (scheduler objects hold multistep history)."""
     state = {"next_step": next_step, "x": x, "scheduler": sched, "seeds": list(seeds),
              "generators": [g.get_state() for g in gens]}
-    tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path, seeds: list[int], gens, device):

@@ -16,20 +16,20 @@ incomplete shards, shards of different configurations, and duplicate, missing or
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from safetensors import safe_open
 
 from sag.errors import SagConfigError
-from sag.records import RecordReader, RecordsError, atomic_write_bytes, build_index, shard_name
-from sag.runs import RUN_FILE, STATE_DIR, save_grid
+from sag.io import atomic_path, atomic_write_text
+from sag.records import RecordReader, RecordsError, build_index, copy_shard
+from sag.runs import RUN_FILE, STATE_DIR, batch_path, batch_seeds, save_grid
 from sag.seeds import format_seeds, parse_seeds
 
 ACCEPTED = "accepted: 'i/n' with integers 0 <= i < n (shard i of n), e.g. '0/4', or null for all seeds"
@@ -142,10 +142,8 @@ def _batch_files(run_dir: Path) -> list[tuple[int, Path, list[int]]]:
     out = []
     for p in (run_dir / "samples").glob("batch-*.safetensors"):
         m = _BATCH_RE.match(p.name)
-        if not m:
-            continue
-        with safe_open(str(p), framework="pt") as f:
-            out.append((int(m.group(1)), p, [int(s) for s in json.loads(f.metadata()["seeds"])]))
+        if m:
+            out.append((int(m.group(1)), p, batch_seeds(p)))
     out.sort(key=lambda b: b[0])
     if not out or [b[0] for b in out] != list(range(len(out))):
         raise SagConfigError(f"{run_dir / 'samples'}: sample batches {[b[0] for b in out]} are not 0..{len(out) - 1}; "
@@ -154,42 +152,13 @@ def _batch_files(run_dir: Path) -> list[tuple[int, Path, list[int]]]:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _copy_record_shard(src: Path, dst_dir: Path, offset: int) -> str:
-    """Copy a record shard with its batch index moved by ``offset`` (header rewritten, tensor bytes streamed
-    unchanged, so memory stays flat whatever the shard size). Returns the new file name."""
-    with open(src, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        meta = header.get("__metadata__") or {}
-        try:
-            info = json.loads(meta["info"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise RecordsError(f"{src}: shard index metadata is missing or corrupt ({e})") from None
-        info["batch_index"] = int(info["batch_index"]) + offset
-        meta["info"] = json.dumps(info)
-        header["__metadata__"] = meta
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data starts 8-byte aligned
-        name = shard_name(info["batch_index"], int(info["step"]))
-        dst = dst_dir / name
-        tmp = dst.with_name(dst.name + ".tmp")
-        with open(tmp, "wb") as g:
-            g.write(len(raw).to_bytes(8, "little"))
-            g.write(raw)
-            shutil.copyfileobj(f, g, 1 << 20)
-    os.replace(tmp, dst)
-    return name
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def _merged_info(info: dict, seeds: list[int]) -> dict:
@@ -220,17 +189,33 @@ def _prepare_out(out: Path, sources: list[str]) -> dict | None:
         for sub in ("samples", "records", "tables"):  # an interrupted merge: redo it from scratch
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / MERGING, json.dumps(sources).encode())
+    atomic_write_text(out / MERGING, json.dumps(sources))
     return None
 
 
-def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: str | None = None) -> dict:
-    """Merge complete shard runs into ``out_dir``; returns the merged manifest (``run.json``, written last).
+@dataclass
+class _Plan:
+    """The checked shard runs of one merge, in seed-spec order."""
 
-    ``seeds`` is the full seed spec the shards must cover; default: the ``all_seeds`` every shard recorded
-    (the entry points store it). Parts are ordered by where their first seed falls in that spec."""
-    parts = [Path(d) for d in run_dirs]
-    out = Path(out_dir)
+    parts: list[Path]
+    manifests: list[dict]
+    batches: list[list[tuple[int, Path, list[int]]]]  # per part: (batch index, path, seeds)
+    part_seeds: list[list[int]]
+    all_seeds: list[int]
+    readers: list[RecordReader]  # empty when the runs hold no records
+
+    @property
+    def sources(self) -> list[str]:
+        return [str(p.resolve()) for p in self.parts]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Global batch index of each part's batch 0: the number of batches of the parts before it."""
+        sizes = [len(b) for b in self.batches]
+        return [sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def _check_dirs(parts: list[Path], out: Path) -> None:
     if not parts:
         raise SagConfigError("no run dirs to merge; accepted: a sweep dir or a list of run dirs")
     if len({p.resolve() for p in parts}) != len(parts):
@@ -238,7 +223,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: st
     if out.resolve() in {p.resolve() for p in parts}:
         raise SagConfigError(f"out={str(out)!r} is one of the runs to merge; accepted: a new dir")
 
-    # 1. Every part complete, all of one configuration, declaring one full seed spec.
+
+def _check_manifests(parts: list[Path], seeds: str | None) -> tuple[list[dict], list[int]]:
+    """Every part complete, all of one configuration, declaring one full seed spec: (manifests, all seeds)."""
     manifests = [_read_manifest(p) for p in parts]
     incomplete = [str(p) for p, m in zip(parts, manifests) if m is None]
     if incomplete:
@@ -258,11 +245,11 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: st
     if spec is None:
         raise SagConfigError(f"runs {[str(p) for p in parts]} do not record all_seeds (the full seed spec); pass "
                              "seeds= to merge them")
-    all_seeds = parse_seeds(spec)
+    return manifests, parse_seeds(spec)
 
-    # 2. Seeds: every seed of the spec in exactly one part, nothing else.
-    batches = [_batch_files(p) for p in parts]
-    part_seeds = [[s for _, _, bs in b for s in bs] for b in batches]
+
+def _check_seeds(parts: list[Path], manifests: list[dict], part_seeds: list[list[int]], all_seeds: list[int]) -> None:
+    """Every seed of the spec in exactly one part, nothing else; each part's run.json agrees with its batches."""
     owner: dict[int, list[str]] = {}
     for p, ss in zip(parts, part_seeds):
         for s in ss:
@@ -286,81 +273,97 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: st
         if m.get("seeds") != format_seeds(ss):
             raise SagConfigError(f"{p}: run.json seeds {m.get('seeds')!r} but its sample batches hold "
                                  f"{format_seeds(ss)!r}; the run is damaged")
+
+
+def _plan(parts: list[Path], seeds: str | None) -> _Plan:
+    """Validate the shard runs and put them in the order their first seeds have in the full seed spec."""
+    manifests, all_seeds = _check_manifests(parts, seeds)
+    batches = [_batch_files(p) for p in parts]
+    part_seeds = [[s for _, _, bs in b for s in bs] for b in batches]
+    _check_seeds(parts, manifests, part_seeds, all_seeds)
     pos = {s: k for k, s in enumerate(all_seeds)}
     order = sorted(range(len(parts)), key=lambda k: pos[part_seeds[k][0]])
     parts, manifests, batches, part_seeds = ([xs[k] for k in order] for xs in (parts, manifests, batches, part_seeds))
-    sources = [str(p.resolve()) for p in parts]
-    has_records = manifests[0].get("records") is not None
-    readers = [RecordReader(p / "records") for p in parts] if has_records else []
+    readers = [RecordReader(p / "records") for p in parts] if manifests[0].get("records") is not None else []
     for p, r, ss in zip(parts, readers, part_seeds):
         if not r.complete or set(r.seeds) != set(ss):
             raise SagConfigError(f"{p / 'records'}: incomplete or holds other seeds than the run's samples")
+    return _Plan(parts, manifests, batches, part_seeds, all_seeds, readers)
 
-    done = _prepare_out(out, sources)
-    if done is not None:
-        return done
 
-    # 3. Samples: PNGs as they are, batches renumbered, grid rebuilt from the PNGs in seed-spec order.
-    samples = out / "samples"
+def _copy_samples(plan: _Plan, samples: Path) -> None:
+    """PNGs as they are, batches renumbered, grid rebuilt from the PNGs in seed-spec order."""
     samples.mkdir(exist_ok=True)
-    offsets, offset = [], 0
-    for p, bs in zip(parts, batches):
-        offsets.append(offset)
+    for p, bs, offset in zip(plan.parts, plan.batches, plan.offsets):
         for bi, path, bseeds in bs:
-            _copy_atomic(path, samples / f"batch-{offset + bi:05d}.safetensors")
+            _copy_atomic(path, batch_path(samples, offset + bi))
             for s in bseeds:
                 _copy_atomic(p / "samples" / f"{s:06d}.png", samples / f"{s:06d}.png")
-        offset += len(bs)
-    ims = [np.asarray(Image.open(samples / f"{s:06d}.png")) for s in all_seeds[:64]]
-    tmp_grid = samples / "grid-tmp.png"
-    save_grid(np.stack([im[..., None] if im.ndim == 2 else im for im in ims]), tmp_grid)
-    os.replace(tmp_grid, samples / "grid.png")
+    ims = [np.asarray(Image.open(samples / f"{s:06d}.png")) for s in plan.all_seeds[:64]]
+    save_grid(np.stack([im[..., None] if im.ndim == 2 else im for im in ims]), samples / "grid.png")
 
-    # 4. Records: shards renumbered like the batches, merged index checked against the parts', meta.json.
-    manifest = _merged_info(manifests[0], all_seeds)
-    if has_records:
-        rec = out / "records"
-        (rec / "shards").mkdir(parents=True, exist_ok=True)
-        expected = []
-        for p, r, off in zip(parts, readers, offsets):
-            renamed = {name: _copy_record_shard(p / "records" / "shards" / name, rec / "shards", off)
-                       for name in r.index["shard"].unique()}
-            ix = r.index.copy()
-            ix["shard"] = ix["shard"].map(renamed)
-            ix["batch_index"] = ix["batch_index"] + off
-            expected.append(ix)
-        index = build_index(rec)
-        want = pd.concat(expected, ignore_index=True).sort_values(["shard", "key", "row"], kind="stable")
-        got = index.sort_values(["shard", "key", "row"], kind="stable")
-        try:
-            pd.testing.assert_frame_equal(want[list(index.columns)].reset_index(drop=True),
-                                          got.reset_index(drop=True), check_dtype=False, check_exact=True)
-        except AssertionError as e:
-            raise RecordsError(f"{rec}: merged index disagrees with the shard runs' indexes ({str(e).splitlines()[0]})"
-                               "; merge aborted") from None
-        _write_parquet(index, rec / "index.parquet")
-        head = json.loads((parts[0] / "records" / "meta.json").read_text())
-        atomic_write_bytes(rec / "meta.json", json.dumps(_merged_info(head, all_seeds), indent=2,
-                                                         default=str).encode())
-        manifest["record_rows"] = int(len(index))
 
-    # 5. Tables: concatenated in part order; every part must have each table, with the same columns.
-    names = sorted({t.stem for p in parts for t in (p / "tables").glob("*.parquet")})
+def _copy_records(plan: _Plan, rec: Path) -> int:
+    """Record shards renumbered like the batches, merged index checked against the parts', meta.json; returns
+    the number of index rows."""
+    (rec / "shards").mkdir(parents=True, exist_ok=True)
+    expected = []
+    for p, r, off in zip(plan.parts, plan.readers, plan.offsets):
+        renamed = {name: copy_shard(p / "records" / "shards" / name, rec / "shards", off)
+                   for name in r.index["shard"].unique()}
+        ix = r.index.copy()
+        ix["shard"] = ix["shard"].map(renamed)
+        ix["batch_index"] = ix["batch_index"] + off
+        expected.append(ix)
+    index = build_index(rec)
+    want = pd.concat(expected, ignore_index=True).sort_values(["shard", "key", "row"], kind="stable")
+    got = index.sort_values(["shard", "key", "row"], kind="stable")
+    try:
+        pd.testing.assert_frame_equal(want[list(index.columns)].reset_index(drop=True),
+                                      got.reset_index(drop=True), check_dtype=False, check_exact=True)
+    except AssertionError as e:
+        raise RecordsError(f"{rec}: merged index disagrees with the shard runs' indexes ({str(e).splitlines()[0]})"
+                           "; merge aborted") from None
+    _write_parquet(index, rec / "index.parquet")
+    head = json.loads((plan.parts[0] / "records" / "meta.json").read_text())
+    atomic_write_text(rec / "meta.json", json.dumps(_merged_info(head, plan.all_seeds), indent=2, default=str))
+    return int(len(index))
+
+
+def _concat_tables(plan: _Plan, out: Path) -> None:
+    """Tables concatenated in part order; every part must have each table, with the same columns."""
+    names = sorted({t.stem for p in plan.parts for t in (p / "tables").glob("*.parquet")})
     for name in names:
-        lacking = [str(p) for p in parts if not (p / "tables" / f"{name}.parquet").is_file()]
+        lacking = [str(p) for p in plan.parts if not (p / "tables" / f"{name}.parquet").is_file()]
         if lacking:
             raise SagConfigError(f"table {name!r} is missing from runs {lacking}; accepted: the same tables in "
                                  "every shard run (run the stage on each, or remove it)")
-        dfs = [pd.read_parquet(p / "tables" / f"{name}.parquet") for p in parts]
+        dfs = [pd.read_parquet(p / "tables" / f"{name}.parquet") for p in plan.parts]
         if any(list(d.columns) != list(dfs[0].columns) for d in dfs):
-            raise SagConfigError(f"table {name!r} has different columns across runs {[str(p) for p in parts]}")
+            raise SagConfigError(f"table {name!r} has different columns across runs {[str(p) for p in plan.parts]}")
         (out / "tables").mkdir(exist_ok=True)
         _write_parquet(pd.concat(dfs, ignore_index=True), out / "tables" / f"{name}.parquet")
 
-    # 6. run.json last.
-    manifest.update(status="complete", wall_s=round(sum(float(m.get("wall_s") or 0) for m in manifests), 3),
-                    samples=str(samples), records=str(out / "records") if has_records else None,
-                    merged_from=sources, shards=[m.get("shard") for m in manifests])
-    atomic_write_bytes(out / RUN_FILE, json.dumps(manifest, indent=2, default=str).encode())
+
+def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: str | None = None) -> dict:
+    """Merge complete shard runs into ``out_dir``; returns the merged manifest (``run.json``, written last).
+
+    ``seeds`` is the full seed spec the shards must cover; default: the ``all_seeds`` every shard recorded
+    (the entry points store it). Parts are ordered by where their first seed falls in that spec."""
+    parts, out = [Path(d) for d in run_dirs], Path(out_dir)
+    _check_dirs(parts, out)
+    plan = _plan(parts, seeds)
+    done = _prepare_out(out, plan.sources)
+    if done is not None:
+        return done
+    _copy_samples(plan, out / "samples")
+    manifest = _merged_info(plan.manifests[0], plan.all_seeds)
+    if plan.readers:
+        manifest["record_rows"] = _copy_records(plan, out / "records")
+    _concat_tables(plan, out)
+    manifest.update(status="complete", wall_s=round(sum(float(m.get("wall_s") or 0) for m in plan.manifests), 3),
+                    samples=str(out / "samples"), records=str(out / "records") if plan.readers else None,
+                    merged_from=plan.sources, shards=[m.get("shard") for m in plan.manifests])
+    atomic_write_text(out / RUN_FILE, json.dumps(manifest, indent=2, default=str))  # last: marks the merge complete
     (out / MERGING).unlink(missing_ok=True)
     return manifest

@@ -12,7 +12,6 @@ Both files are written to a temporary name and renamed into place, the weights f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 from sag.data.scenes import SHAPES
 from sag.errors import SagConfigError
 from sag.evaluators.nets import EVALUATORS, build_evaluator, num_parameters
+from sag.io import atomic_path, atomic_write_text
 
 FORMAT = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -54,12 +54,9 @@ def save_evaluator(model: nn.Module, path: str | Path, info: dict[str, Any] | No
     text = json.dumps(config, indent=2, sort_keys=False) + "\n"  # fails before anything is written
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     weights, cfg_path = out / WEIGHTS_NAME, out / CONFIG_NAME
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp), metadata={"kind": kind, "format": str(FORMAT)})
-    os.replace(tmp, weights)
-    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, cfg_path)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"kind": kind, "format": str(FORMAT)})
+    atomic_write_text(cfg_path, text)
     return weights
 
 
