@@ -39,7 +39,7 @@ from analysis.studies import (
 from sag.errors import SagConfigError
 from sag.masks import high_frequency_mask
 from sag.models.base import DiffusionModel
-from sag.probe import MASKS_FILE, probe_scenes, write_sample_masks
+from sag.probe import MASKS_FILE, SAMPLE_MASKS_FILE, probe_scenes, write_sample_masks
 from sag.records import RecordArrays, RecordReader
 
 STUDIES = ("timesteps", "frequency", "correlation")
@@ -179,7 +179,7 @@ def sample_correlation(run_dir: Path, records: RecordArrays, seeds: list[int], i
                        settings: Settings, run: str, model: str, laps: _Laps) -> pd.DataFrame:
     """Exp. C on the generated images (mode "samples"): object masks from the domain segmenter, stored in
     ``<run_dir>/studies/sample_masks.npz``, and the image-derived high-frequency mask."""
-    path = write_sample_masks(run_dir / "studies" / "sample_masks.npz", seeds, images)
+    path = write_sample_masks(run_dir / SAMPLE_MASKS_FILE, seeds, images)
     laps.lap("segmenter")
     targets = {"object": np.load(path)["object_mask"], "highfreq": high_frequency_mask(images)}
     out = study_correlation(records, targets, "samples", settings, run, model, images.shape[-2:], settings.steps)

@@ -34,6 +34,8 @@ from sag.models.base import DiffusionModel
 from sag.records import RecordWriter
 
 MASKS_FILE = "masks.npz"
+# Where the studies store the segmenter masks of a run's samples (relative to the run dir); figures read them.
+SAMPLE_MASKS_FILE = Path("studies") / "sample_masks.npz"
 RECORD_KEYS = {"seed": "scene_index", "step": "t_index"}  # what the probe's records' seed / step columns hold
 
 

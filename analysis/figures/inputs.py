@@ -18,10 +18,11 @@ import pandas as pd
 
 from analysis.figures.fig_frequency import pick_layer
 from analysis.images import load_images, sample_seeds, to_uint8
+from sag.probe import SAMPLE_MASKS_FILE
 
-# Written by experiments.studies (sag.probe.write_sample_masks: keys ``seeds``, ``object_mask``) into the run dir
-# it analyses, i.e. the capture run.
-SAMPLE_MASKS = Path("studies") / "sample_masks.npz"
+# Written by the studies (sag.probe.write_sample_masks: keys ``seeds``, ``object_mask``) into the run dir
+# they analyse, i.e. the capture run.
+SAMPLE_MASKS = SAMPLE_MASKS_FILE
 
 
 def images_by_seed(run_dir: str | Path, seeds=None) -> dict[int, np.ndarray]:
