@@ -4,10 +4,10 @@
     python -m experiments.main out_dir=<dir>         # resume: stages whose output is complete are skipped
     python -m experiments.main main_scale=tiny       # the same pipeline on the tiny random model (~1 min)
 
-Stages (each its own entry point, run as a child process with ``overrides`` from conf/main_scale):
-capture -> studies (tables in capture/tables) -> evaluate (guided-sampling sweep + quality) -> frontier ->
-bench (benchmarks.cost) -> figures -> report (notebooks rendered to HTML). Tables are gathered into
-``<out_dir>/tables`` so the figures and notebooks read one place; ``main.json`` records each stage's time.
+Stages, child processes: capture -> studies (tables in capture/tables) -> evaluate (guided-sampling sweep +
+quality) -> frontier -> bench (benchmarks.cost) -> figures -> report (HTML). A Hydra stage runs its overlay
+``experiment=main/<stage>`` (conf/experiment/main/; alone: ``python -m experiments.<stage> experiment=main/<stage>``)
+plus conf/main_scale's ``overrides``. Tables are gathered into ``<out_dir>/tables``; ``main.json`` has stage times.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from sag.io import atomic_write_text
+
 STAGES = ("capture", "studies", "evaluate", "frontier", "bench", "figures", "report")
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = {"attention_studies": ROOT / "notebooks" / "attention_studies.py",
-             "sag_report": ROOT / "notebooks" / "sag_report.py"}
+NOTEBOOKS = {name: ROOT / "notebooks" / f"{name}.py" for name in ("attention_studies", "sag_report")}
 
 
 def done_marker(out: Path, stage: str) -> Path | None:
@@ -40,6 +41,7 @@ def done_marker(out: Path, stage: str) -> Path | None:
 
 
 def child(module: str, args: list[str], env: dict) -> None:
+    """Run ``python -m module *args`` from the repository root; exit with a one-line error if it fails."""
     cmd = [sys.executable, "-m", module, *args]
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
@@ -52,24 +54,23 @@ def gather_tables(out: Path) -> list[Path]:
     """Copy every stage's tables/*.parquet into <out>/tables (the figures' and notebooks' one place)."""
     dest = out / "tables"
     dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for stage in ("capture", "evaluate", "frontier", "bench"):
-        for path in sorted((out / stage / "tables").glob("*.parquet")):
-            shutil.copy2(path, dest / path.name)
-            copied.append(dest / path.name)
-    return copied
+    paths = [p for stage in ("capture", "evaluate", "frontier", "bench")
+             for p in sorted((out / stage / "tables").glob("*.parquet"))]
+    return [Path(shutil.copy2(p, dest / p.name)) for p in paths]
+
+
+def stage_args(stage: str, cfg: DictConfig, out: Path) -> list[str]:
+    """A Hydra stage's overrides: its experiment/main overlay, conf/main_scale's lists, its dirs inside ``out``."""
+    o = OmegaConf.to_container(cfg.overrides, resolve=True)
+    where = {"studies": [f"run_dir={out / 'capture'}", f"hydra.run.dir={out / 'capture' / 'studies'}"]}
+    return [f"experiment=main/{stage}", *o.get("common", []), *o.get(stage, []),
+            *where.get(stage, [f"hydra.run.dir={out / stage}"])]
 
 
 def run_stage(stage: str, cfg: DictConfig, out: Path, env: dict) -> None:
-    o = OmegaConf.to_container(cfg.overrides, resolve=True)
-    common = list(o.get("common", []))
-    if stage == "capture":
-        child("experiments.capture", [*common, *o["capture"], f"hydra.run.dir={out / 'capture'}"], env)
-    elif stage == "studies":
-        child("experiments.studies", [*common, *o["studies"], f"run_dir={out / 'capture'}",
-                                      f"hydra.run.dir={out / 'capture' / 'studies'}"], env)
-    elif stage in ("evaluate", "frontier"):
-        child(f"experiments.{stage}", [*common, *o[stage], f"hydra.run.dir={out / stage}"], env)
+    """Run one stage of the main job into ``out``."""
+    if stage in ("capture", "studies", "evaluate", "frontier"):
+        child(f"experiments.{stage}", stage_args(stage, cfg, out), env)
     elif stage == "bench":
         child("benchmarks.cost", [*cfg.bench, "--out", str(out / "bench")], env)
     elif stage == "figures":
@@ -79,11 +80,10 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, env: dict) -> None:
     elif stage == "report":
         from analysis.report import render_notebook
 
+        params = {"RUN_DIR": str(out), "CAPTURE_DIR": str(out / "capture"),
+                  "SWEEP_DIR": str(out / "evaluate" / "settings")}
         for name, script in NOTEBOOKS.items():
-            params = {"RUN_DIR": str(out), "CAPTURE_DIR": str(out / "capture"),
-                      "SWEEP_DIR": str(out / "evaluate" / "settings")}
-            html = render_notebook(script, out, out / "report" / f"{name}.html", params=params)
-            print(f"report: {html}")
+            print(f"report: {render_notebook(script, out, out / 'report' / f'{name}.html', params=params)}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="main")
@@ -93,9 +93,7 @@ def main(cfg: DictConfig) -> None:
     if bad := [s for s in stages if s not in STAGES]:
         print(f"error: stages {bad}; accepted: {list(STAGES)}", file=sys.stderr)
         raise SystemExit(2)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if cfg.threads:
-        env["OMP_NUM_THREADS"] = str(int(cfg.threads))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(int(cfg.threads))} if cfg.threads else {}))
     log_path = out / "main.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {"stages": {}}
     t_all = time.perf_counter()
@@ -108,14 +106,13 @@ def main(cfg: DictConfig) -> None:
         t0 = time.perf_counter()
         run_stage(stage, cfg, out, env)
         log["stages"][stage] = round(time.perf_counter() - t0, 1)
-        log_path.write_text(json.dumps(log, indent=2) + "\n")
+        atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
         print(f"[{i}/{len(stages)}] {stage}: {log['stages'][stage]:.0f} s", flush=True)
     log["total_s_this_invocation"] = round(time.perf_counter() - t_all, 1)
-    log_path.write_text(json.dumps(log, indent=2) + "\n")
+    atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
     print(f"main job: {log['total_s_this_invocation']:.0f} s; stage times in {log_path}")
-    if "report" in stages:
-        print(f"report: {out / 'report' / 'attention_studies.html'}")
-        print(f"report: {out / 'report' / 'sag_report.html'}")
+    for name in NOTEBOOKS if "report" in stages else ():
+        print(f"report: {out / 'report' / f'{name}.html'}")
 
 
 if __name__ == "__main__":
