@@ -5,9 +5,10 @@ read them (figures, notebooks). A writer may add columns; a reader may rely only
 ``validate(df, name)`` raises :class:`analysis.tables.TableError` when a required column is missing.
 
 Conventions: one row per measured value ("long" tables); ``step`` is the sampler iteration, ``t`` the
-model timestep, ``seed`` the image; ``psi`` the mask threshold as a multiple of the mean (paper Sec. 3.2);
-``patch`` the pixel size of the square patch that one token of the layer covers; ``grid`` the layer's
-token grid as "HxW".
+model timestep, ``seed`` the image (one exception: ``object_correlation`` rows of mode "scenes" come from no
+sampler, and there ``seed`` is the scene index and ``step`` the index of t, see :mod:`sag.probe`); ``psi`` the
+mask threshold as a multiple of the mean (paper Sec. 3.2); ``patch`` the pixel size of the square patch that one
+token of the layer covers; ``grid`` the layer's token grid as "HxW".
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     # Issue-9 quality: per guidance setting and metric, bootstrap CI over seeds.
     # metric in: fd, precision, recall, class_accuracy, is_score.
     "quality": ("run", "guidance", "scale", "metric", "value", "ci_low", "ci_high", "n"),
-    # Quality-cost frontier: schedule = "full", "window a-b" or "every k"; calls_per_image from counting.
-    "frontier": ("guidance", "schedule", "scale", "calls_per_image", "metric", "value", "ci_low", "ci_high"),
+    # Quality-cost frontier: window = "full", "window a-b" or "every k" (the guidance window, not the noise
+    # schedule); calls_per_image from counting.
+    "frontier": ("guidance", "window", "scale", "calls_per_image", "metric", "value", "ci_low", "ci_high"),
     # Cost per guidance setting, measured in one run (ratios against the same run's unguided / CFG).
     "bench": ("benchmark", "setting", "model", "device", "dtype", "batch", "steps", "calls_per_image",
               "s_per_image", "peak_mem_mb", "ratio_vs_none", "ratio_vs_cfg", "machine", "date"),

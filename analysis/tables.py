@@ -2,15 +2,17 @@
 
 Every analysis reads through :func:`read_table`, which names the file and what is wrong, and writes through
 :func:`write_table` (atomic). :func:`check_rows` guards a transformation against silently dropped rows.
+:func:`format_metric_table` renders a metrics table as text, one line per setting.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from sag.io import atomic_path
 
 
 class TableError(RuntimeError):
@@ -41,9 +43,8 @@ def write_table(df: pd.DataFrame, run_dir: str | Path, name: str) -> Path:
     """Atomically write ``tables/<name>.parquet`` (temp file, then rename); returns the path."""
     path = table_path(run_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
     return path
 
 
@@ -54,3 +55,12 @@ def check_rows(before: pd.DataFrame, after: pd.DataFrame, what: str, expected: i
         raise TableError(f"{what}: {len(after)} rows where {n} were expected ({len(before)} in); refusing to drop "
                          "or duplicate rows silently")
     return after
+
+
+def format_metric_table(df: pd.DataFrame, keys: list[str]) -> str:
+    """A metrics table (metric, value, ci_low, ci_high rows) as text: one line per ``keys`` group, one
+    "value [ci_low, ci_high]" column per metric, in the table's order."""
+    cell = df.assign(cell=[f"{v:.4g} [{lo:.3g}, {hi:.3g}]" for v, lo, hi in zip(df.value, df.ci_low, df.ci_high)])
+    wide = cell.pivot_table(index=keys, columns="metric", values="cell", aggfunc="first", sort=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 200):
+        return wide.reset_index().to_string(index=False)

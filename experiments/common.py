@@ -1,21 +1,26 @@
-"""Shared glue for the Hydra entry points: clean one-line errors and config -> objects."""
+"""Shared glue for the Hydra entry points: one-line errors, config -> plain values -> library calls (run inputs:
+:mod:`sag.inputs`; the capture stage: :mod:`sag.stages`; the guidance sweep: :mod:`sag.sweep`)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from analysis.schemas import validate
+from analysis.tables import format_metric_table, write_table
+from sag import inputs, stages, sweep
 from sag.errors import SagConfigError
+from sag.evaluators import load_noisy_classifier
+from sag.inputs import RunInputs, check_positive  # noqa: F401 (check_positive: re-exported for entry points)
 from sag.models import DiffusionModel
-from sag.seeds import format_seeds, parse_seeds
-from sag.shards import parse_shard, shard_cond, shard_seeds
 
 
 @contextmanager
@@ -23,126 +28,88 @@ def user_errors() -> Iterator[None]:
     """Turn bad-input errors into one line on stderr and exit status 2 (no traceback)."""
     try:
         yield
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, SagConfigError):
-            print(f"error: {cause}", file=sys.stderr)
-            sys.exit(2)
-        raise
-    except SagConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (InstantiationException, SagConfigError) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e
+        if not isinstance(cause, SagConfigError):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
-def check_positive(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SagConfigError(f"{name}={value!r}; accepted: a positive integer")
-    return value
+def plain(value):
+    """A config value as plain Python (lists and dicts resolved); scalars unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def select(cfg: DictConfig, *keys: str) -> dict:
+    """``{key: plain(cfg[key])}`` for keyword arguments of a library call."""
+    return {k: plain(cfg[k]) for k in keys}
 
 
 def build_model(cfg: DictConfig) -> DiffusionModel:
+    """The model of ``cfg.model`` on ``cfg.device`` (default cpu)."""
     return instantiate(cfg.model, device=cfg.get("device", "cpu"))
 
 
-def class_labels(cfg: DictConfig, model: DiffusionModel, seeds: list[int]) -> torch.Tensor | None:
-    """Labels for class-conditional models: ``labels`` from the config, or seed % num_classes."""
-    if model.conditioning != "class":
-        return None
-    labels = cfg.get("labels")
-    if labels is None:
-        labels = [s % model.num_classes for s in seeds]
-    labels = list(labels)
-    if len(labels) not in (1, len(seeds)) or any(not 0 <= int(v) < model.num_classes for v in labels):
-        raise SagConfigError(f"labels={labels}; accepted: one label or one per seed, each in "
-                             f"[0, {model.num_classes})")
-    return torch.tensor([int(v) for v in labels], dtype=torch.long)
-
-
-def text_cond(cfg: DictConfig, model: DiffusionModel, seeds: list[int]) -> torch.Tensor | None:
-    """Prompt embeddings for text models: ``prompt`` from the config (one string for all seeds, or a list one
-    per seed), embedded by the model's text encoder; null = the empty prompt (the model's ``null_text``)."""
-    prompt = cfg.get("prompt")
-    if model.conditioning != "text":
-        if prompt is not None:
-            raise SagConfigError(f"prompt={prompt!r} but model {model.name!r} is not a text model "
-                                 f"(conditioning {model.conditioning!r}); accepted: prompt=null")
-        return None
-    if prompt is None:
-        return model.null_cond(1)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
-    if not prompts or len(prompts) not in (1, len(seeds)) or any(not isinstance(p, str) for p in prompts):
-        raise SagConfigError(f"prompt={prompt!r}; accepted: a string, a list of strings (one, or one per seed: "
-                             f"{len(seeds)}), or null")
-    if model.encode_prompt is None:
-        raise SagConfigError(f"model {model.name!r} has no text encoder to embed prompt={prompt!r}; accepted: "
-                             "prompt=null (the empty prompt)")
-    return model.encode_prompt(prompts)
+def build_scheduler(cfg: DictConfig, model: DiffusionModel):
+    """The sampler of ``cfg.scheduler`` (a partial taking the model) for ``model``."""
+    return instantiate(cfg.scheduler)(model)
 
 
 def load_classifier(cfg: DictConfig, model: DiffusionModel):
-    """The noise-aware classifier for classifier guidance: ``classifier`` (a directory written by
-    ``experiments.train_evaluators``) or the embedded one."""
-    from sag.evaluators import load_noisy_classifier  # imported lazily: only CG needs it
-
+    """The noise-aware classifier of classifier guidance: ``classifier`` (a directory) or the embedded one."""
     return load_noisy_classifier(cfg.get("classifier")).to(model.device)
 
 
-@dataclass
-class RunInputs:
-    """The validated run settings shared by the sampling entry points."""
-
-    all_seeds: list[int]
-    shard: tuple[int, int] | None
-    seeds: list[int]  # this shard's seeds
-    steps: int
-    batch_size: int
-    size: tuple[int, int] | None
-
-    def meta(self, cfg: DictConfig) -> dict:
-        from omegaconf import OmegaConf
-
-        return {"config": OmegaConf.to_container(cfg, resolve=True), "all_seeds": format_seeds(self.all_seeds),
-                "shard": cfg.get("shard")}
-
-
 def run_inputs(cfg: DictConfig) -> RunInputs:
-    """Seeds (and shard), steps, batch size and size, validated before any work starts."""
-    all_seeds = parse_seeds(cfg.seeds)
-    shard = parse_shard(cfg.get("shard"))
-    size = tuple(cfg.size) if cfg.get("size") is not None else None
-    if size is not None and (len(size) != 2 or min(size) <= 0):
-        raise SagConfigError(f"size={list(size)}; accepted: [H, W] with positive H, W, or null")
-    return RunInputs(all_seeds, shard, shard_seeds(all_seeds, shard), check_positive("steps", cfg.steps),
-                     check_positive("batch_size", cfg.batch_size), size)
+    """Seeds (and shard), steps, batch size and size of the config, validated (:func:`sag.inputs.run_inputs`)."""
+    return inputs.run_inputs(cfg.seeds, steps=cfg.steps, batch_size=cfg.batch_size, shard=cfg.get("shard"),
+                             size=plain(cfg.get("size")))
 
 
-def conditions(cfg: DictConfig, model: DiffusionModel, inputs: RunInputs) -> torch.Tensor | None:
-    """Labels or prompt embeddings of this shard's seeds (per-seed lists are given for all seeds)."""
-    cond = (class_labels(cfg, model, inputs.all_seeds) if model.conditioning == "class"
-            else text_cond(cfg, model, inputs.all_seeds))
-    return shard_cond(cond, len(inputs.all_seeds), inputs.shard)
+def conditions(cfg: DictConfig, model: DiffusionModel, run: RunInputs) -> torch.Tensor | None:
+    """Labels or prompt embeddings of this shard's seeds from ``labels`` / ``prompt`` of the config."""
+    return inputs.conditions(model, run, labels=plain(cfg.get("labels")), prompt=plain(cfg.get("prompt")))
 
 
 def capture_run(cfg: DictConfig, out) -> dict:
-    """The capture stage (experiments.capture, and studies / the main job when they capture first): validate
-    everything cheap, build the model, then sample ``cfg.seeds`` recording the selected layers into ``out``.
-    Returns the run manifest (``run.json``)."""
-    from pathlib import Path
-
-    from sag.attention import select_layers
-    from sag.runs import run_sampling
-
+    """The capture stage (experiments.capture; studies / the main job when they capture first): validate, then
+    record the selected layers of ``cfg.seeds`` into ``out`` (:func:`sag.stages.capture_run`); returns run.json."""
     with user_errors():
         run = run_inputs(cfg)
         spec = instantiate(cfg.capture, _convert_="all")
         model = build_model(cfg)
-        scheduler = instantiate(cfg.scheduler)(model)
-        layers = select_layers(model.net, spec.layers, spec.include_cross)  # fails here on a bad pattern
-        model.validate(run.size or model.sample_size)  # e.g. DiT needs square latents
+        scheduler = build_scheduler(cfg, model)
+        layers = stages.capture_layers(model, spec, run.size)
         cond = conditions(cfg, model, run)
-    out = Path(out)
-    print(f"capturing {len(layers)} layer(s) of {model.name} over {run.steps} steps "
-          f"for {len(run.seeds)} seeds -> {out}")
-    return run_sampling(model, scheduler, out, steps=run.steps, seeds=run.seeds, capture=spec,
-                        batch_size=run.batch_size, cond=cond, size=run.size, progress=cfg.progress,
-                        meta={"layers": layers, **run.meta(cfg)})
+    return stages.capture_run(model, scheduler, Path(out), run=run, spec=spec, cond=cond, meta=run.meta(plain(cfg)),
+                              progress=cfg.progress, layers=layers)
+
+
+def prepare_sweep(cfg: DictConfig) -> sweep.Sweep:
+    """Validated inputs, model, scheduler, labels, evaluator and reference features (before any sampling)."""
+    run = run_inputs(cfg)
+    metrics = sweep.MetricOptions(**select(cfg.metrics, "k", "draws", "draws_fd", "seed", "alpha"))
+    sweep.check_inputs(run, metrics, cfg.seeds, cfg.get("inception_weights"))
+    model = build_model(cfg)
+    scheduler = build_scheduler(cfg, model)
+    sweep.check_images(model, run.size)
+    cond = conditions(cfg, model, run)
+    labels = cond if model.conditioning == "class" else None  # scored by class accuracy
+    scorer = sweep.Scorer.load(evaluator=cfg.get("evaluator"), reference_seed=cfg.reference_seed, metrics=metrics,
+                               reference_count=cfg.reference_count or len(run.seeds), labels=labels,
+                               inception_weights=cfg.get("inception_weights"))
+    return sweep.Sweep(run, model, scheduler, cond, scorer)
+
+
+def run_sweep(cfg: DictConfig, out: Path, prep: sweep.Sweep, settings: list, table: str) -> pd.DataFrame:
+    """Build, sample and score every setting (:mod:`sag.sweep`), then validate and write ``tables/<table>``."""
+    fns = sweep.build_settings(prep.model, settings, prep.run.size, sag=plain(cfg.sag),
+                               classifier_dir=cfg.get("classifier"))
+    df = sweep.evaluate_settings(prep, out, settings, fns, progress=cfg.progress)
+    path = write_table(validate(df, table), out, table)
+    if cfg.get("inception_weights") is None:
+        print("inception_weights=null: standard Inception FID/IS skipped (point it to a local weights file)")
+    print(format_metric_table(df, ["guidance", "window", "scale", "calls_per_image"]))
+    print(f"table: {path}\nsamples: {out / 'settings'}/<setting>/samples")
+    return df

@@ -11,9 +11,18 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.common import build_model, conditions, load_classifier, run_inputs, user_errors
+from experiments.common import (
+    build_model,
+    build_scheduler,
+    conditions,
+    load_classifier,
+    plain,
+    run_inputs,
+    user_errors,
+)
+from sag.guidance.base import as_guidance
 from sag.runs import run_sampling
 
 
@@ -22,18 +31,17 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         run = run_inputs(cfg)
         model = build_model(cfg)
-        scheduler = instantiate(cfg.scheduler)(model)
+        scheduler = build_scheduler(cfg, model)
         kind = cfg.guidance.kind
         extra = {"classifier": load_classifier(cfg, model)} if kind in ("cg", "sag_cg") else {}
         guidance = instantiate(cfg.guidance, _convert_="all")(model, **extra)
-        if hasattr(guidance, "validate"):
-            guidance.validate(run.size or model.sample_size)
+        as_guidance(guidance).validate(run.size or model.sample_size)
         cond = conditions(cfg, model, run)
     out = Path(HydraConfig.get().runtime.output_dir)
     print(f"sampling {len(run.seeds)} seeds from {model.name} with guidance={kind} over {run.steps} steps -> {out}")
     manifest = run_sampling(model, scheduler, out, steps=run.steps, seeds=run.seeds, model_fn=guidance,
                             batch_size=run.batch_size, cond=cond, size=run.size, progress=cfg.progress,
-                            meta={"guidance": OmegaConf.to_container(cfg.guidance, resolve=True), **run.meta(cfg)})
+                            meta={"guidance": plain(cfg.guidance), **run.meta(plain(cfg))})
     print(f"samples: {manifest['samples']} (grid: {Path(manifest['samples']) / 'grid.png'})")
     print(f"run: {out / 'run.json'}")
 

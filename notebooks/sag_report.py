@@ -62,7 +62,7 @@ else:
 # %% [markdown]
 # ## Quality against guidance scale, and the quality-cost frontier
 # Fréchet distance on the domain classifier's features (lower is better), precision / recall, class accuracy;
-# bands are bootstrap 95 % CIs over seeds. The frontier puts each schedule (full, windows, every k-th step)
+# bands are bootstrap 95 % CIs over seeds. The frontier puts each guidance window (full, windows, every k-th step)
 # against its model calls per image.
 
 # %%

@@ -1,4 +1,5 @@
-"""experiments.evaluate / experiments.frontier: settings, call counting, bad input, and end to end (slow)."""
+"""The guidance sweep (sag.sweep) behind experiments.evaluate / experiments.frontier: settings, call counting,
+bad input, and end to end (slow)."""
 
 import subprocess
 import sys
@@ -10,11 +11,13 @@ from hydra import compose, initialize_config_dir
 
 from analysis.schemas import TABLES
 from analysis.tables import read_table
-from experiments.evaluate import Setting, build, count_calls, prepare, quality_settings
-from experiments.frontier import frontier_settings
+from experiments import evaluate, frontier
+from experiments.common import plain, prepare_sweep, select
 from sag.errors import SagConfigError
+from sag.guidance import ModelCall
 from sag.models import load_model
 from sag.schedulers import make_scheduler
+from sag.sweep import Setting, build_setting, count_calls, frontier_settings, quality_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["debug=tiny", "model=tiny_pixel_cond", "seeds=0-5", "steps=2", "metrics.draws=20", "metrics.draws_fd=5"]
@@ -25,30 +28,45 @@ def _compose(name, overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def _quality(cfg, conditional):
+    return quality_settings(**select(cfg, *evaluate.SETTINGS_KEYS), conditional=conditional)
+
+
+def _frontier(cfg, conditional):
+    return frontier_settings(**select(cfg, *frontier.SETTINGS_KEYS), conditional=conditional)
+
+
+def _build(model, setting, gcfg):
+    return build_setting(model, setting, **plain(gcfg))
+
+
 def _run(entry, out, *overrides):
     return subprocess.run([sys.executable, "-m", f"experiments.{entry}", f"hydra.run.dir={out}", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_settings_names_and_schedules():
+def test_settings_names_and_windows():
     assert Setting("sag", 0.0).kind == "none" and Setting("sag", 0.0).name == "none"
     assert Setting("sag", 0.5, sag_scale=0.5).name == "sag_s0.5"
     s = Setting("sag_cfg", 0.5, sag_scale=0.5, cfg_scale=1.0, start=0.0, stop=0.5)
-    assert (s.name, s.schedule) == ("sag_cfg_s0.5_w1_win0-0.5", "window 0-0.5")
-    assert Setting("sag", 0.5, sag_scale=0.5, every=3).schedule == "every 3"
+    assert (s.name, s.window_label) == ("sag_cfg_s0.5_w1_win0-0.5", "window 0-0.5")
+    assert Setting("sag", 0.5, sag_scale=0.5, every=3).window_label == "every 3"
+    m = load_model("tiny_pixel_cond")
+    unguided = _build(m, Setting("sag", 0.0, start=0.5, every=2), _compose("evaluate").sag)  # s = 0: any window
+    assert isinstance(unguided, ModelCall) and unguided.inner is m
 
 
 def test_configs_compose_and_sweep_settings():
     cfg = _compose("evaluate")
     assert cfg.model.name == "embedded" and cfg.inception_weights is None and cfg.metrics.k == 3
-    names = [s.name for s in quality_settings(cfg, conditional=True)]
+    names = [s.name for s in _quality(cfg, conditional=True)]
     assert names.count("none") == 3  # none, sag s=0, blur s=0 share the unguided run
     assert {"cfg_w1", "cg_l1", "sag_cfg_s0.5_w1", "sag_cg_s0.5_l1"} <= set(names)
-    assert [s.guidance for s in quality_settings(cfg, conditional=False)].count("cfg") == 0
+    assert [s.guidance for s in _quality(cfg, conditional=False)].count("cfg") == 0
     fcfg = _compose("frontier", ["debug=tiny", "model=tiny_pixel_cond"])
     assert fcfg.steps == 3 and fcfg.scale == 0.75
-    schedules = {(s.guidance, s.schedule) for s in frontier_settings(fcfg, conditional=True)}
-    assert {("none", "full"), ("cfg", "full"), ("sag", "every 2"), ("sag_cfg", "window 0-0.5")} <= schedules
+    windows = {(s.guidance, s.window_label) for s in _frontier(fcfg, conditional=True)}
+    assert {("none", "full"), ("cfg", "full"), ("sag", "every 2"), ("sag_cfg", "window 0-0.5")} <= windows
 
 
 def test_counted_calls_per_image():
@@ -56,13 +74,14 @@ def test_counted_calls_per_image():
     sched = make_scheduler(m, "ddim")
     gcfg = _compose("evaluate").sag
     cond = torch.tensor([1, 2])
-    calls = {s: count_calls(m, sched, build(m, s, gcfg), 6, cond, None) for s in [
+    calls = {s: count_calls(m, sched, _build(m, s, gcfg), 6, cond, None) for s in [
         Setting("none"), Setting("sag", 0.5, sag_scale=0.5), Setting("sag", 0.5, sag_scale=0.5, every=2),
         Setting("sag", 0.5, sag_scale=0.5, start=0.5), Setting("sag_cfg", 0.5, sag_scale=0.5, cfg_scale=1.0),
         Setting("sag_cfg", 0.5, sag_scale=0.5, cfg_scale=1.0, every=3)]}
     assert list(calls.values()) == [6, 12, 9, 9, 18, 2 * 3 + 4 * 2]
-    sag = build(m, Setting("sag", 0.5, sag_scale=0.5), gcfg)
-    assert sag.inner is m  # the counter was removed again
+    sag = _build(m, Setting("sag", 0.5, sag_scale=0.5), gcfg)
+    assert isinstance(sag.inner, ModelCall) and sag.inner.inner is m  # counting rewires nothing
+    assert not m.net._forward_hooks and not m.net._forward_pre_hooks  # the counting hook was removed again
 
 
 @pytest.mark.parametrize("override, message", [
@@ -73,19 +92,19 @@ def test_counted_calls_per_image():
 def test_bad_input_before_sampling(override, message):
     cfg = _compose("evaluate", TINY + [override])
     with pytest.raises(SagConfigError, match=message):
-        prepare(cfg)
+        prepare_sweep(cfg)
 
 
 def test_bad_settings():
     with pytest.raises(SagConfigError, match="combos has 'nope'"):
-        quality_settings(_compose("evaluate", TINY + ["combos=[nope]"]), True)
+        _quality(_compose("evaluate", TINY + ["combos=[nope]"]), True)
     with pytest.raises(SagConfigError, match="accepted: positive integers"):
-        frontier_settings(_compose("frontier", TINY + ["every=[0]"]), True)
+        _frontier(_compose("frontier", TINY + ["every=[0]"]), True)
     with pytest.raises(SagConfigError, match=r"\[start, stop\] pairs"):
-        frontier_settings(_compose("frontier", TINY + ["windows=[[0.5]]"]), True)
+        _frontier(_compose("frontier", TINY + ["windows=[[0.5]]"]), True)
     m = load_model("tiny_pixel_cond")
     with pytest.raises(SagConfigError, match="window start"):
-        build(m, Setting("sag", 0.5, sag_scale=0.5, start=0.7, stop=0.2), _compose("evaluate").sag)
+        _build(m, Setting("sag", 0.5, sag_scale=0.5, start=0.7, stop=0.2), _compose("evaluate").sag)
 
 
 @pytest.mark.slow
@@ -98,6 +117,7 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     df = read_table(out, "quality", TABLES["quality"])
     assert set(df.guidance) == {"none", "sag", "blur", "sag_cg"}
     assert set(df.metric) == {"fd", "precision", "recall", "is_score", "class_accuracy"}
+    # 1e-9: float64 rounding between a bias-shifted bootstrap bound and its estimate (values O(1-100))
     assert (df.n == 6).all() and (df.ci_low <= df.value + 1e-9).all() and (df.value <= df.ci_high + 1e-9).all()
     calls = df.groupby("setting").calls_per_image.first().to_dict()
     assert calls == {"none": 2, "sag_s0.5": 4, "blur_s0.5": 4, "sag_cg_s0.75_l1": 4}
@@ -118,7 +138,7 @@ def test_frontier_end_to_end(tmp_path):
     res = _run("frontier", out, *TINY, "steps=4", "kinds=[sag,sag_cfg]", "windows=[[0,0.5]]", "every=[2]")
     assert res.returncode == 0, res.stderr[-2000:]
     df = read_table(out, "frontier", TABLES["frontier"])
-    calls = df.groupby(["guidance", "schedule"]).calls_per_image.first().to_dict()
+    calls = df.groupby(["guidance", "window"]).calls_per_image.first().to_dict()
     assert calls == {("none", "full"): 4, ("cfg", "full"): 8, ("sag", "full"): 8, ("sag", "window 0-0.5"): 6,
                      ("sag", "every 2"): 6, ("sag_cfg", "full"): 12, ("sag_cfg", "window 0-0.5"): 10,
                      ("sag_cfg", "every 2"): 10}

@@ -3,7 +3,7 @@
 Top row (from ``quality``): one panel per metric, value vs guidance scale, one line per guidance kind
 with the table's bootstrap 95 % CI as a band; a guidance measured at one scale only (e.g. "none") is a
 horizontal reference line. Bottom (from ``frontier``): the metric against model calls per image, one
-marker per (guidance, schedule) with CI bars, and the Pareto front (best value at no more calls).
+marker per (guidance, window) with CI bars, and the Pareto front (best value at no more calls).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def pareto(df: pd.DataFrame, lower_is_better: bool) -> pd.DataFrame:
 def data(quality: pd.DataFrame | None = None, frontier: pd.DataFrame | None = None, *,
          frontier_metric: str | None = None) -> pd.DataFrame:
     """Plotted numbers: panel "quality" rows (guidance, scale, metric, value, ci_low, ci_high, n) and panel
-    "frontier" rows (guidance, schedule, scale, calls_per_image, metric, value, ci_low, ci_high, pareto)."""
+    "frontier" rows (guidance, window, scale, calls_per_image, metric, value, ci_low, ci_high, pareto)."""
     parts = []
     if quality is not None and not quality.empty:
         validate(quality, "quality")
@@ -110,8 +110,8 @@ def plot(quality: pd.DataFrame | None = None, frontier: pd.DataFrame | None = No
             s = f[f["guidance"] == g]
             err = np.vstack([s["value"] - s["ci_low"], s["ci_high"] - s["value"]])
             ax.errorbar(s["calls_per_image"], s["value"], yerr=err, fmt="o", color=cols[g], capsize=3, label=g)
-            # one label per point: schedules that land on the same (calls, value) share it
-            for (x, y), sched in s.groupby(["calls_per_image", "value"])["schedule"]:
+            # one label per point: windows that land on the same (calls, value) share it
+            for (x, y), sched in s.groupby(["calls_per_image", "value"])["window"]:
                 ax.annotate(" / ".join(sched), (x, y), xytext=(5, 3), textcoords="offset points",
                             fontsize=style.BASE_FONT - 2, color="0.25")
         front = f[f["pareto"]].sort_values("calls_per_image")
