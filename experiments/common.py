@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,7 @@ from analysis.tables import format_metric_table, write_table
 from sag import inputs, stages, sweep
 from sag.errors import SagConfigError
 from sag.evaluators import load_noisy_classifier
-from sag.inputs import RunInputs, check_positive  # noqa: F401 (check_positive: re-exported for entry points)
+from sag.inputs import RunInputs
 from sag.models import DiffusionModel
 
 
@@ -36,23 +37,19 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-def plain(value):
-    """A config value as plain Python (lists and dicts resolved); scalars unchanged."""
+def plain(value):  # a config value as plain Python (lists and dicts resolved); scalars unchanged
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def select(cfg: DictConfig, *keys: str) -> dict:
-    """``{key: plain(cfg[key])}`` for keyword arguments of a library call."""
+def select(cfg: DictConfig, *keys: str) -> dict:  # {key: plain(cfg[key])}: keyword arguments of a library call
     return {k: plain(cfg[k]) for k in keys}
 
 
-def build_model(cfg: DictConfig) -> DiffusionModel:
-    """The model of ``cfg.model`` on ``cfg.device`` (default cpu)."""
+def build_model(cfg: DictConfig) -> DiffusionModel:  # the model of cfg.model on cfg.device (default cpu)
     return instantiate(cfg.model, device=cfg.get("device", "cpu"))
 
 
-def build_scheduler(cfg: DictConfig, model: DiffusionModel):
-    """The sampler of ``cfg.scheduler`` (a partial taking the model) for ``model``."""
+def build_scheduler(cfg: DictConfig, model: DiffusionModel):  # cfg.scheduler is a partial taking the model
     return instantiate(cfg.scheduler)(model)
 
 
@@ -102,12 +99,19 @@ def prepare_sweep(cfg: DictConfig) -> sweep.Sweep:
     return sweep.Sweep(run, model, scheduler, cond, scorer)
 
 
-def run_sweep(cfg: DictConfig, out: Path, prep: sweep.Sweep, settings: list, table: str) -> pd.DataFrame:
-    """Build, sample and score every setting (:mod:`sag.sweep`), then validate and write ``tables/<table>``."""
-    fns = sweep.build_settings(prep.model, settings, prep.run.size, sag=plain(cfg.sag),
-                               classifier_dir=cfg.get("classifier"))
-    df = sweep.evaluate_settings(prep, out, settings, fns, progress=cfg.progress)
-    path = write_table(validate(df, table), out, table)
+def run_sweep(cfg: DictConfig, make_settings, keys: tuple[str, ...], table: str, what: str) -> pd.DataFrame:
+    """evaluate / frontier: validate, build ``make_settings(**cfg[keys])``, then sample and score every setting
+    (:mod:`sag.sweep`) into the Hydra run dir and write ``tables/<table>``."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        prep = prepare_sweep(cfg)
+        settings = make_settings(**select(cfg, *keys), conditional=prep.model.conditioning == "class")
+        print(f"{what}: {len(settings)} settings x {len(prep.run.seeds)} paired seeds on {prep.model.name} "
+              f"({prep.run.steps} steps) -> {out}")
+        fns = sweep.build_settings(prep.model, settings, prep.run.size, sag=plain(cfg.sag),
+                                   classifier_dir=cfg.get("classifier"))
+        df = sweep.evaluate_settings(prep, out, settings, fns, progress=cfg.progress)
+        path = write_table(validate(df, table), out, table)
     if cfg.get("inception_weights") is None:
         print("inception_weights=null: standard Inception FID/IS skipped (point it to a local weights file)")
     print(format_metric_table(df, ["guidance", "window", "scale", "calls_per_image"]))

@@ -15,13 +15,10 @@ CIs over seeds; ``calls_per_image`` is counted (network evaluations per image) o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.common import prepare_sweep, run_sweep, select, user_errors
+from experiments.common import run_sweep
 from sag.sweep import quality_settings
 
 SETTINGS_KEYS = ("sag_scales", "blur_scales", "combos", "combo_sag_scale", "cfg_scale", "cg_scale")
@@ -29,13 +26,7 @@ SETTINGS_KEYS = ("sag_scales", "blur_scales", "combos", "combo_sag_scale", "cfg_
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    out = Path(HydraConfig.get().runtime.output_dir)
-    with user_errors():
-        prep = prepare_sweep(cfg)
-        settings = quality_settings(**select(cfg, *SETTINGS_KEYS), conditional=prep.model.conditioning == "class")
-        print(f"evaluating {len(settings)} settings x {len(prep.run.seeds)} paired seeds on {prep.model.name} "
-              f"({prep.run.steps} steps) -> {out}")
-        run_sweep(cfg, out, prep, settings, "quality")
+    run_sweep(cfg, quality_settings, SETTINGS_KEYS, "quality", "evaluate")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ the unguided run (and CFG alone for sag_cfg). ``calls_per_image`` is counted wit
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.common import prepare_sweep, run_sweep, select, user_errors
+from experiments.common import run_sweep
 from sag.sweep import frontier_settings
 
 SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every")
@@ -28,13 +25,7 @@ SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="frontier")
 def main(cfg: DictConfig) -> None:
-    out = Path(HydraConfig.get().runtime.output_dir)
-    with user_errors():
-        prep = prepare_sweep(cfg)
-        settings = frontier_settings(**select(cfg, *SETTINGS_KEYS), conditional=prep.model.conditioning == "class")
-        print(f"frontier: {len(settings)} schedules x {len(prep.run.seeds)} paired seeds on {prep.model.name} "
-              f"({prep.run.steps} steps) -> {out}")
-        run_sweep(cfg, out, prep, settings, "frontier")
+    run_sweep(cfg, frontier_settings, SETTINGS_KEYS, "frontier", "frontier")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.common import check_positive, user_errors
+from experiments.common import user_errors
 from sag.errors import SagConfigError
 from sag.evaluators import EVALUATORS
 from sag.evaluators.train import train_evaluator
+from sag.inputs import check_positive
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_evaluators")
