@@ -52,11 +52,13 @@ PIPELINES = {
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
 TEXT_ENCODERS = ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
-# Scheduler config entries that define how a latent pipeline (SD, DiT) samples besides the training betas; carried
-# into ``scheduler_config`` so that ``scheduler=ddim`` on an SD directory equals the pipeline's own DDIM (no x0
-# clipping of latents, steps_offset=1, set_alpha_to_one=False). Pixel DDPM directories keep only the betas.
-SAMPLER_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
-                "thresholding", "rescale_betas_zero_snr")
+# The training-schedule entries of a scheduler config: they define the model's alphas_cumprod. Every other entry
+# (timestep_spacing, steps_offset, clip_sample, variance_type, set_alpha_to_one, ...) is a sampler setting, carried
+# with them into ``scheduler_config`` so that ``make_scheduler`` builds what diffusers' ``from_config`` builds from the
+# folder's own scheduler: the pipeline's sampler, and the folder's conventions for any other kind.
+# ``rescale_betas_zero_snr`` is left to the schedulers: the model's alphas_cumprod keeps the plain betas (a zero
+# terminal SNR has no finite sigma for sag.schedule), as before.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
 def _read_json(path: Path) -> dict:
@@ -291,11 +293,19 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return torch_dtype
 
 
-def _training_schedule(sched_dir: Path | None) -> tuple[dict, dict]:
-    """(the scheduler config, its training-schedule entries); diffusers' DDPM defaults when absent."""
-    sched_cfg = _read_json(sched_dir / "scheduler_config.json") if sched_dir else {}
-    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    return sched_cfg, {k: sched_cfg[k] for k in schedule_keys if k in sched_cfg}
+def _scheduler_config(sched_dir: Path | None) -> dict[str, Any]:
+    """The folder's scheduler config as written (its public entries and ``_class_name``); {} when absent, so that
+    every scheduler kind keeps its own defaults (diffusers' DDPM training schedule: linear 1e-4..0.02, 1000 steps)."""
+    if sched_dir is None:
+        return {}
+    cfg = _read_json(sched_dir / "scheduler_config.json")
+    return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+
+
+def _alphas_cumprod(sched_cfg: dict[str, Any]) -> Tensor:
+    """alphas_cumprod of the training schedule (diffusers' DDPM defaults for missing entries)."""
+    schedule = {k: sched_cfg[k] for k in SCHEDULE_KEYS if k in sched_cfg}
+    return diffusers.DDPMScheduler.from_config(schedule).alphas_cumprod.clone()
 
 
 def _load_vae(root: Path, parts: dict, torch_dtype: torch.dtype) -> tuple[nn.Module | None, float]:
@@ -320,8 +330,12 @@ def load_diffusers_dir(
     """Denoiser + training schedule (+ VAE, + text encoder) from a local directory.
 
     The training schedule (betas) and the prediction type come from ``scheduler/scheduler_config.json`` when
-    present, else diffusers' DDPM defaults (linear 1e-4..0.02, 1000 steps, epsilon). For text models,
-    ``negative_prompt`` replaces the empty prompt as the unconditional input (diffusers' ``negative_prompt``).
+    present, else diffusers' DDPM defaults (linear 1e-4..0.02, 1000 steps, epsilon). The whole scheduler config goes
+    into ``scheduler_config``, so ``make_scheduler`` reproduces the pipeline's own sampler (DDPM/DDIM pipelines:
+    timestep_spacing, steps_offset, clip_sample, variance_type, ...) and options passed to it still win. Pixel x0
+    estimates are clipped (``clip_denoised``) when the folder's scheduler clips them (``clip_sample``, default on).
+    For text models, ``negative_prompt`` replaces the empty prompt as the unconditional input (diffusers'
+    ``negative_prompt``).
     """
     root = Path(path).expanduser()
     parts = _locate(root)
@@ -331,28 +345,27 @@ def load_diffusers_dir(
         raise SagConfigError(f"negative_prompt={negative_prompt!r} but {root} holds a {cls_name}, not a text model")
     torch_dtype = _torch_dtype(dtype)
     net = _load_diffusers_model(cls_name, parts["net"], torch_dtype)
-    sched_cfg, schedule = _training_schedule(parts["scheduler"])
+    sched_cfg = _scheduler_config(parts["scheduler"])
     vae, latent_scale = _load_vae(root, parts, torch_dtype)
-    fields = {"clip_denoised": vae is None, **_FAMILY_FIELDS[family](root, parts, cfg, net, torch_dtype,
-                                                                    negative_prompt)}
+    clip_x0 = vae is None and bool(sched_cfg.get("clip_sample", True))  # latents are never clipped
+    fields = {"clip_denoised": clip_x0, **_FAMILY_FIELDS[family](root, parts, cfg, net, torch_dtype, negative_prompt)}
     if clip_denoised is not None:
         fields["clip_denoised"] = clip_denoised
     pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
     in_ch = int(cfg.get("in_channels", 3))
     out_ch = int(cfg.get("out_channels") or in_ch)
     size = cfg.get("sample_size", 32)
-    sampler = {k: sched_cfg[k] for k in SAMPLER_KEYS if k in sched_cfg} if vae is not None else {}
     return DiffusionModel(
         name=root.name,
         net=net,
-        alphas_cumprod=diffusers.DDPMScheduler.from_config(schedule).alphas_cumprod.clone(),
+        alphas_cumprod=_alphas_cumprod(sched_cfg),
         prediction_type=pred,
         learned_variance=out_ch == 2 * in_ch or sched_cfg.get("variance_type") in ("learned", "learned_range"),
         decoder=vae,
         latent_scale=latent_scale,
         sample_size=tuple(size) if isinstance(size, list | tuple) else (int(size), int(size)),
         in_channels=in_ch,
-        scheduler_config=dict(schedule, **sampler, prediction_type=pred),
+        scheduler_config=dict(sched_cfg, prediction_type=pred),
         source=str(root.resolve()),
         **fields,
     )
