@@ -7,6 +7,9 @@ computes q, k, v exactly as diffusers' ``AttnProcessor2_0`` and produces the lay
 attention probabilities are computed explicitly (softmax(q k^T / sqrt(d))) only for the recording and
 reduced on the fly. The query grid (h, w) is read from the real hidden-state shape: from the 4-D input
 of the layer itself, or from the nearest enclosing module whose (B, C, H, W) input holds the tokens.
+
+``map_heads=n`` records the official SAG map instead of the layer's own heads (see :func:`regrouped_probs`);
+the layer output is unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from sag.errors import SagConfigError
 # | row_entropy: (b, h, w) entropy of each query's attention row, head mean.
 REDUCTIONS = ("full", "head_mean", "received", "query_subsample", "row_entropy")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# guided-diffusion's qkv channel orders: QKVAttentionLegacy (per head [q, k, v]) and QKVAttention ([Q, K, V]).
+QKV_LAYOUTS = ("legacy", "new")
 
 
 @dataclass
@@ -88,6 +93,52 @@ class _Sink:
     store: AttentionStore
     reductions: tuple[str, ...]
     query_stride: int
+    map_heads: int | None = None  # None: the layer's own heads; n: regrouped_probs with n pseudo-heads
+    qkv_layout: str = "legacy"
+
+
+def regrouped_probs(query: Tensor, key: Tensor, value: Tensor, heads: int, map_heads: int,
+                    qkv_layout: str = "legacy") -> Tensor:
+    """The official SAG code's attention probabilities (b, map_heads, T, T) from a layer's q, k, v (b, T, C).
+
+    The official code (KU-CVLAB/Self-Attention-Guidance, ``guided_diffusion/unet.py``: ``save_input_hook`` stores
+    the ``qkv`` conv output of the selected ``AttentionBlock``; ``attention_from_qkv(qkv, self.num_heads)``) splits
+    that (b, 3C, T) tensor with the MODEL-level ``num_heads`` flag as QKVAttentionLegacy does: n groups of 3C/n
+    channels, each read as [q', k', v'] of C/n channels, softmax(q'^T k' / sqrt(C/n)). Where the layer was built
+    with ``num_head_channels`` (the 256-px and LSUN models: C/64 true heads, num_heads = 4) the groups are not the
+    layer's heads, and q', k' mix q, k and v channels of several true heads. ``heads`` is the layer's true head
+    count (to rebuild the conv's channel order from to_q/to_k/to_v, see ``sag.models.adm_weights``);
+    ``qkv_layout`` that order ("legacy": per head [q, k, v]; "new": [Q, K, V], read with the same legacy split).
+    """
+    b, tokens, c = query.shape
+    if qkv_layout == "legacy":  # conv channel = head * 3d + {q, k, v} * d + i
+        qkv = torch.stack([z.reshape(b, tokens, heads, c // heads) for z in (query, key, value)], dim=3)
+    else:  # conv channel = {q, k, v} * C + i
+        qkv = torch.stack([query, key, value], dim=2)
+    ch = c // map_heads
+    qkv = qkv.float().reshape(b, tokens, map_heads, 3, ch)
+    scale = 1 / math.sqrt(math.sqrt(ch))  # as attention_from_qkv: q and k each scaled by ch^-1/4
+    q = qkv[..., 0, :].transpose(1, 2) * scale  # (b, n, T, ch)
+    k = qkv[..., 1, :].transpose(1, 2) * scale
+    return torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
+
+
+def check_map_heads(net: nn.Module, names: Iterable[str], map_heads: int | None) -> None:
+    """Refuse (:class:`SagConfigError`) a ``map_heads`` that :func:`regrouped_probs` cannot apply to a layer."""
+    if map_heads is None:
+        return
+    if isinstance(map_heads, bool) or not isinstance(map_heads, int) or map_heads < 1:
+        raise SagConfigError(f"map_heads={map_heads!r}; accepted: a positive integer head count")
+    for n in names:
+        m = net.get_submodule(n)
+        widths = {m.to_q.out_features, m.to_k.out_features, m.to_v.out_features}
+        if m.is_cross_attention or len(widths) != 1 or m.norm_q is not None or m.norm_k is not None:
+            raise SagConfigError(f"map_heads={map_heads} regroups a guided-diffusion qkv; layer {n!r} is not a "
+                                 "plain self-attention with equal q/k/v widths")
+        c = widths.pop()
+        if c % map_heads:
+            raise SagConfigError(f"map_heads={map_heads} does not divide the {c} channels of layer {n!r}; "
+                                 "accepted: a divisor of every selected layer's channels")
 
 
 def reduce_probs(probs: Tensor, grid: tuple[int, int], cross: bool, reductions: Iterable[str], stride: int):
@@ -176,18 +227,28 @@ class RecordingProcessor:
 
     @torch.no_grad()
     def _record(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                grid: tuple[int, int], cross: bool) -> Tensor | None:
+                grid: tuple[int, int], cross: bool, qkv: tuple[Tensor, Tensor, Tensor]) -> Tensor | None:
         """Record softmax(q k^T / sqrt(d) + mask), the probabilities SDPA computes internally (its default scale),
-        into every sink. Returns probs @ v when ``exact`` is off (cheaper, equal to SDPA up to float rounding),
+        into every sink (a sink with ``map_heads`` gets :func:`regrouped_probs` of ``qkv``, the (b, tokens, C)
+        projections). Returns probs @ v when ``exact`` is off (cheaper, equal to SDPA up to float rounding),
         else None. q, k, v: (b, heads, tokens, d)."""
-        head_dim = query.shape[-1]
-        # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
-        scores = torch.matmul(query.float() * head_dim**-0.5, key.float().transpose(-1, -2))
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = scores.softmax(-1)
+        probs = None
+        if not self.exact or any(s.map_heads is None for s in self.sinks):
+            head_dim = query.shape[-1]
+            # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
+            scores = torch.matmul(query.float() * head_dim**-0.5, key.float().transpose(-1, -2))
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            probs = scores.softmax(-1)
+        regrouped: dict[tuple[int, str], Tensor] = {}
         for sink in self.sinks:
-            data = reduce_probs(probs, grid, cross, sink.reductions, sink.query_stride)
+            p = probs
+            if sink.map_heads is not None:
+                how = (sink.map_heads, sink.qkv_layout)
+                if how not in regrouped:
+                    regrouped[how] = regrouped_probs(*qkv, query.shape[1], *how)
+                p = regrouped[how]
+            data = reduce_probs(p, grid, cross, sink.reductions, sink.query_stride)
             sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, data))
         return None if self.exact else torch.matmul(probs.to(value.dtype), value)
 
@@ -217,6 +278,7 @@ class RecordingProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        qkv = (query, key, value)  # (b, tokens, C): what map_heads sinks regroup
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -228,7 +290,7 @@ class RecordingProcessor:
             key = attn.norm_k(key)
 
         grid = (height, width) if input_ndim == 4 else self.tracker.resolve(self.name, query.shape[2])
-        reused = self._record(query, key, value, attention_mask, grid, cross)
+        reused = self._record(query, key, value, attention_mask, grid, cross, qkv)
 
         # --- identical to diffusers AttnProcessor2_0 ---
         if reused is not None:  # exact=False: the output from the recorded probabilities
@@ -257,6 +319,8 @@ def capture_attention(
     query_stride: int = 4,
     store: AttentionStore | None = None,
     exact: bool = True,
+    map_heads: int | None = None,
+    qkv_layout: str = "legacy",
 ) -> Iterator[AttentionStore]:
     """Record the attention of the layers matching ``layers`` while the block runs.
 
@@ -264,11 +328,16 @@ def capture_attention(
     ...     unet(x, t)
     ...     maps = store.pop()   # one AttentionRecord per layer and call
 
-    ``exact`` is explained in :class:`RecordingProcessor`.
+    ``exact`` is explained in :class:`RecordingProcessor`. ``map_heads=n`` records the official SAG code's
+    n pseudo-head probabilities (:func:`regrouped_probs`, ``qkv_layout`` one of ``QKV_LAYOUTS``) instead of
+    the layer's own heads; the layer output stays the layer's own attention.
     """
     reductions = tuple(reductions)
     CaptureSpec(layers=["*"], reductions=list(reductions), query_stride=query_stride)  # validates
+    if qkv_layout not in QKV_LAYOUTS:
+        raise SagConfigError(f"qkv_layout={qkv_layout!r}; accepted: {list(QKV_LAYOUTS)}")
     names = select_layers(net, layers, include_cross)
+    check_map_heads(net, names, map_heads)
     modules = {n: net.get_submodule(n) for n in names}  # by path: no second walk of the tree (every step)
     for n in names:
         proc = modules[n].processor
@@ -283,7 +352,7 @@ def capture_attention(
         for n in names:
             orig = modules[n].processor
             sinks = list(orig.sinks) if isinstance(orig, RecordingProcessor) else []
-            sinks.append(_Sink(store, reductions, int(query_stride)))
+            sinks.append(_Sink(store, reductions, int(query_stride), map_heads, qkv_layout))
             originals[n] = orig
             modules[n].set_processor(RecordingProcessor(n, sinks, tracker, exact and getattr(orig, "exact", True)))
         yield store

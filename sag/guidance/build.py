@@ -35,7 +35,7 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
                    psi: float = 1.0, kernel_size: int = 9, blur_sigma: float = 1.0, cfg_scale: float = 3.0,
                    cg_scale: float = 1.0, classifier=None, start: float = 0.0, stop: float = 1.0, every: int = 1,
                    cfg_start: float = 0.0, cfg_stop: float = 1.0, cg_start: float = 0.0,
-                   cg_stop: float = 1.0) -> Guidance:
+                   cg_stop: float = 1.0, map_heads: str | int = "layer") -> Guidance:
     """The model call of guidance ``kind``, always a :class:`Guidance` (``none``: a pass-through ModelCall).
 
     Kinds and their terms: ``none``; ``cfg`` (classifier-free guidance); ``cg`` (classifier guidance, score form);
@@ -68,6 +68,8 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
         every: k >= 1, guide only every k-th iteration of the SAG/blur window, counted from its first.
         cfg_start, cfg_stop: the CFG term's window (outside: the conditional call alone). cfg, sag_cfg.
         cg_start, cg_stop: the CG term's window (outside: the inner call alone). cg, sag_cg.
+        map_heads: heads of the mask's map: ``"layer"`` (the layer's own), ``"official"`` (the official code's
+            ADM ``num_heads`` grouping, for the paper's ADM-256/LSUN FIDs) or n; ``resolve_map_heads``. SAG term.
     """
     if kind not in KINDS:
         raise SagConfigError(f"guidance {kind!r}; accepted: {list(KINDS)}")
@@ -84,7 +86,7 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
     sag = SelfAttentionGuidance(
         model, sag_scale, layers, psi, kernel_size, blur_sigma, mask="global" if kind == "blur" else "attention",
         cfg_scale=cfg_scale if kind == "sag_cfg" else 0.0, start=start, stop=stop, cfg_start=cfg_start,
-        cfg_stop=cfg_stop, every=every,
+        cfg_stop=cfg_stop, every=every, map_heads=map_heads,
     )
     if kind == "sag_cg":
         return ClassifierGuidance(model, classifier, cg_scale, cg_start, cg_stop, inner=sag)

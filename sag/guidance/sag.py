@@ -12,6 +12,9 @@ Per guided step (paper Sec. 4, official ``p_sample``/``ddim_sample``):
 6. eps~ = eps + s (eps - eps(x_bar_t))  (Eq. 16), or with CFG Eq. 25.
 Learned variance is taken from the first pass. Outside the window a step costs one model call. ``t`` may be a
 scalar or a (b,) tensor.
+
+``map_heads`` chooses the heads of the map in step 1: ``"layer"`` (default) the layer's own heads;
+``"official"`` the official code's grouping (:func:`resolve_map_heads`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sag.attention import select_layers
-from sag.capture import AttentionStore, capture_attention
+from sag.capture import AttentionStore, capture_attention, check_map_heads
 from sag.errors import SagConfigError
 from sag.guidance.base import Guidance, Window, batch_t, check_scale
 from sag.guidance.cfg import require_cond, uncond_cond_batch
@@ -28,6 +31,35 @@ from sag.guidance.functions import attention_mask, cfg_combine, degrade, sag_cfg
 from sag.models.base import DiffusionModel
 
 MASKS = ("attention", "global")
+MAP_HEADS = ("layer", "official")  # or a positive integer: the official grouping with that many pseudo-heads
+
+
+def resolve_map_heads(model: DiffusionModel, map_heads: str | int) -> tuple[int | None, str]:
+    """(pseudo-head count or None, qkv layout) for :func:`sag.capture.capture_attention` from SAG's ``map_heads``.
+
+    ``"layer"``: None, the selected layer's own heads (diffusers' SAG pipeline, and ours by default).
+    ``"official"``: the official SAG code's map (KU-CVLAB/Self-Attention-Guidance ``guided_diffusion/unet.py``
+    ``attention_from_qkv(qkv, self.num_heads)``, thresholded in ``gaussian_diffusion.py::attention_masking`` with
+    ``reshape(B, self.num_heads, ...)``): the layer's qkv regrouped into the MODEL-level ``num_heads`` flag's
+    pseudo-heads (:func:`sag.capture.regrouped_probs`). It differs from the layer's heads where the layer was
+    built with ``num_head_channels`` (ADM 256-px ImageNet and LSUN: 16 true heads at 8x8, 4 pseudo-heads), so
+    it is the map behind the paper's FID numbers there; for ImageNet-128 (``num_heads=4`` everywhere) both agree
+    up to float rounding. Needs the model's guided-diffusion flags (``model.adm_flags``). An integer n: that
+    regrouping with n pseudo-heads on any model (layout from ``model.adm_flags`` when present, else legacy).
+    The network's output is unchanged (the layer still attends with its own heads); only the mask M_t changes.
+    """
+    flags = getattr(model, "adm_flags", None) or {}
+    layout = "new" if flags.get("use_new_attention_order") else "legacy"
+    if map_heads == "layer":
+        return None, layout
+    if map_heads == "official":
+        if "num_heads" not in flags:
+            raise SagConfigError(f"map_heads='official' needs the guided-diffusion num_heads flag, which model "
+                                 f"{model.name!r} does not record; accepted: 'layer' or an integer head count")
+        return int(flags["num_heads"]), layout
+    if isinstance(map_heads, int) and not isinstance(map_heads, bool) and map_heads >= 1:
+        return map_heads, layout
+    raise SagConfigError(f"map_heads={map_heads!r}; accepted: {list(MAP_HEADS)} or a positive integer")
 
 
 class SelfAttentionGuidance(Guidance):
@@ -38,12 +70,14 @@ class SelfAttentionGuidance(Guidance):
     classifier-free guidance (0 = no CFG), with its own ``cfg_start``/``cfg_stop`` window. ``start``/``stop``/
     ``every`` are the SAG window: ``every = k`` guides every k-th step of it only (the others: one plain or CFG
     call); CFG keeps its own window. ``kernel_size`` (odd) and ``blur_sigma`` (std) are in pixels or latent cells.
+    ``map_heads`` (``"layer"``, ``"official"`` or an integer; see :func:`resolve_map_heads`) sets the heads whose
+    mean received attention makes the mask; blur guidance ignores it.
     """
 
     def __init__(self, model: DiffusionModel, scale: float = 0.75, layers="mid_block.*", psi: float = 1.0,
                  kernel_size: int = 9, blur_sigma: float = 1.0, mask: str = "attention", cfg_scale: float = 0.0,
                  start: float = 0.0, stop: float = 1.0, cfg_start: float = 0.0, cfg_stop: float = 1.0,
-                 inner=None, every: int = 1):
+                 inner=None, every: int = 1, map_heads: str | int = "layer"):
         super().__init__(model, inner, start, stop, every)
         self.scale = check_scale("sag scale", scale)
         self.cfg_scale = check_scale("cfg scale", cfg_scale)
@@ -60,6 +94,8 @@ class SelfAttentionGuidance(Guidance):
         self.kernel_size = int(kernel_size)
         self.mask = mask
         self.layers = select_layers(model.net, layers) if mask == "attention" else []
+        self.map_heads, self.qkv_layout = resolve_map_heads(model, map_heads) if self.layers else (None, "legacy")
+        check_map_heads(model.net, self.layers, self.map_heads)
         if self.cfg_scale != 0:
             require_cond(model, "SAG with classifier-free guidance")
         self.cfg_window = Window(cfg_start, cfg_stop)
@@ -86,7 +122,8 @@ class SelfAttentionGuidance(Guidance):
         xx, tt, cc = uncond_cond_batch(self.model, x, t, cond) if use_cfg else (x, t, cond)
         # 1. first pass, capturing attention of the selected layers
         if self.mask == "attention":
-            with capture_attention(self.model.net, self.layers, ["received"], store=self.store):
+            with capture_attention(self.model.net, self.layers, ["received"], store=self.store,
+                                   map_heads=self.map_heads, qkv_layout=self.qkv_layout):
                 out = self.inner(xx, tt, cc)
             records = [r for r in self.store.pop() if r.call == 0]
         else:
