@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -15,7 +17,7 @@ from sag.errors import SagConfigError
 from sag.guidance.base import GuidanceFn, as_guidance
 from sag.io import atomic_path
 from sag.models.base import DiffusionModel
-from sag.schedulers import takes_generator, takes_variance
+from sag.schedulers import fresh_scheduler, set_timesteps, step_kwargs, takes_generator, takes_variance
 
 ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -93,6 +95,7 @@ def sample(
     done_batch: Callable[[int, list[int]], Tensor | None] | None = None,
     checkpoint_dir: str | Path | None = None,
     check_finite: bool = True,
+    step_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Sample one image per seed; returns model-space samples (n, C, H, W) on the CPU.
 
@@ -105,18 +108,21 @@ def sample(
     with ``checkpoint_dir`` the sampler state (x, scheduler, generators) is saved after every iteration and
     an interrupted batch continues after its last completed iteration, bit for bit on the CPU.
     ``check_finite`` stops at the first NaN/Inf output with the step, t and seeds that produced it.
+    ``step_options`` are keyword arguments of ``scheduler.step`` (e.g. ``eta``) on top of the model's conventions
+    (``model.step_options``; :func:`sag.schedulers.step_kwargs`); one the step does not take is refused.
     """
     if steps <= 0:
         raise SagConfigError(f"steps={steps}; accepted: a positive integer")
     if batch_size <= 0:
         raise SagConfigError(f"batch_size={batch_size}; accepted: a positive integer")
     seeds = [int(s) for s in seeds]
+    options = step_kwargs(scheduler, model, step_options)  # refuses an option the step does not take
     cond = _per_sample_cond(cond, len(seeds))
     guide = as_guidance(model_fn or model)  # the contract's hooks, no-ops for a plain model call
     size = tuple(size or model.sample_size)
     guide.validate(size)  # e.g. a blur kernel larger than the sample: fail before any work
     batches = _batches(seeds, cond, batch_size, checkpoint_dir, model.device)
-    per_batch = _num_iterations(scheduler, steps)
+    per_batch = _num_iterations(model, scheduler, steps)
     bar = tqdm(total=per_batch * len(batches), desc="sampling", unit="it", disable=not progress, leave=False)
     outputs = []
     for batch in batches:
@@ -125,7 +131,7 @@ def sample(
             outputs.append(finished)
             bar.update(per_batch)
             continue
-        x = _sample_batch(model, guide, scheduler, steps, batch, size, callback, check_finite, bar)
+        x = _sample_batch(model, guide, scheduler, steps, batch, size, callback, check_finite, bar, options)
         if on_batch_end is not None:
             on_batch_end(batch.index, batch.seeds, x)
         if batch.state_path is not None:  # only once the batch is saved
@@ -135,24 +141,26 @@ def sample(
     return torch.cat(outputs)
 
 
-def _num_iterations(scheduler: SchedulerMixin, steps: int) -> int:
+def _num_iterations(model: DiffusionModel, scheduler: SchedulerMixin, steps: int) -> int:
     """Sampler iterations (model evaluations) per trajectory: Heun makes about two per step."""
-    template = type(scheduler).from_config(scheduler.config)
-    template.set_timesteps(steps)
+    template = fresh_scheduler(scheduler, model)
+    with warnings.catch_warnings():  # a timestep mismatch is reported once, by the batch loop
+        warnings.simplefilter("ignore")
+        set_timesteps(template, steps, model)
     return len(template.timesteps)
 
 
 def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: SchedulerMixin, steps: int, batch: _Batch,
-                  size: tuple[int, int], callback, check_finite: bool, bar) -> Tensor:
+                  size: tuple[int, int], callback, check_finite: bool, bar, options: dict[str, Any]) -> Tensor:
     """One batch's trajectory: x_T from per-seed generators, then for each t: scale_model_input, model call,
-    scheduler step. Returns x_0 (b, C, H, W) on the CPU."""
+    scheduler step (with ``options``, the step's keyword arguments). Returns x_0 (b, C, H, W) on the CPU."""
     device, dtype = model.device, model.dtype
-    sched = type(scheduler).from_config(scheduler.config)  # fresh state per batch (multistep history)
-    sched.set_timesteps(steps, device=device)
+    sched = fresh_scheduler(scheduler, model)  # fresh state per batch (multistep history)
+    set_timesteps(sched, steps, model, device)  # the model's reference timesteps where it has them
     noise, gens = initial_noise(batch.seeds, (model.in_channels, *size), device, dtype)
     x = noise * sched.init_noise_sigma
     first, x, sched = _resume(batch, x, sched, gens, device, bar)
-    step_kwargs = {"generator": gens} if takes_generator(sched) else {}
+    step_kw = dict(options, generator=gens) if takes_generator(sched) else dict(options)
     num_steps = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
         if i < first:  # done before an interruption
@@ -167,7 +175,7 @@ def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: Scheduler
         if callback is not None:
             callback(StepInfo(i, num_steps, tb, x_in, pred, _denoised(model, pred, x_in, tb), batch.seeds,
                               batch.index))
-        x = sched.step(out if takes_variance(sched) else pred, t, x, **step_kwargs).prev_sample
+        x = sched.step(out if takes_variance(sched) else pred, t, x, **step_kw).prev_sample
         if batch.state_path is not None:
             _save_state(batch.state_path, i + 1, x, sched, batch.seeds, gens)
         bar.update(1)

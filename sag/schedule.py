@@ -123,3 +123,40 @@ class VPSchedule:
         """q(x_t | x_0) with a given noise: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (DDPM Eq. 4)."""
         sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x0)
         return sqrt_ab * x0 + sqrt_one_minus_ab * eps
+
+
+# --- timestep respacing ------------------------------------------------------------------------------
+def space_timesteps(num_train_timesteps: int, section_counts: str | int | list[int]) -> list[int]:
+    """guided-diffusion's ``respace.space_timesteps`` as a descending list of training timesteps.
+
+    ``"N"`` (or several comma-separated counts, one per equal part of [0, T)) takes N steps per part at a
+    fractional stride (size - 1) / (N - 1), rounded with Python's ``round`` (half to even) after repeated
+    addition, exactly as the official loop (1000, "5" -> 999, 749, 500, 250, 0; diffusers' ``linspace`` spacing
+    differs from it for 278 of the 1000 counts). ``"ddimN"`` is the DDIM paper's integer stride: the smallest
+    stride i with ``len(range(0, T, i)) == N`` (a ValueError when none gives N, as the official code).
+    """
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        desired = int(section_counts[len("ddim"):])
+        for stride in range(1, num_train_timesteps):
+            if len(range(0, num_train_timesteps, stride)) == desired:
+                return list(range(0, num_train_timesteps, stride))[::-1]
+        raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+    if isinstance(section_counts, str):
+        counts = [int(x) for x in section_counts.split(",")]
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(x) for x in section_counts]
+    size_per, extra = divmod(num_train_timesteps, len(counts))
+    start, steps = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide section of {size} steps into {count}")
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur))
+            cur += frac_stride  # repeated addition, not k * stride: the official rounding depends on it
+        start += size
+    return sorted(set(steps), reverse=True)

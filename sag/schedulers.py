@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -34,9 +38,11 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 
 
 def make_scheduler(model: DiffusionModel, name: str, **options) -> SchedulerMixin:
-    """A fresh scheduler of kind ``name`` with the model's betas and prediction type.
+    """A fresh scheduler of kind ``name`` with the model's betas, prediction type and scheduler conventions.
 
-    ``options`` override scheduler config entries (e.g. ``timestep_spacing``, ``use_karras_sigmas``).
+    Config: ``model.scheduler_config`` <- the registry's defaults <- ``options`` (entries the scheduler does not
+    take are dropped from the model's, refused from ``options``; e.g. ``timestep_spacing``, ``use_karras_sigmas``).
+    With ``model.exact_schedule`` the scheduler gets the model's own ``alphas_cumprod`` (:func:`fresh_scheduler`).
     """
     if name not in SCHEDULERS:
         raise SagConfigError(f"scheduler {name!r} is not registered; accepted: {sorted(SCHEDULERS)}")
@@ -51,7 +57,75 @@ def make_scheduler(model: DiffusionModel, name: str, **options) -> SchedulerMixi
     if unknown:
         raise SagConfigError(f"scheduler {name!r} has no option(s) {unknown}; accepted: {sorted(known - {'self'})}")
     config.update(options)
-    return cls.from_config({k: v for k, v in config.items() if k in known})
+    return _use_model_schedule(cls.from_config({k: v for k, v in config.items() if k in known}), model)
+
+
+def fresh_scheduler(scheduler: SchedulerMixin, model: DiffusionModel) -> SchedulerMixin:
+    """A new scheduler of ``scheduler``'s class and config (no multistep history), on ``model``'s exact schedule."""
+    return _use_model_schedule(type(scheduler).from_config(scheduler.config), model)
+
+
+def _use_model_schedule(scheduler: SchedulerMixin, model: DiffusionModel) -> SchedulerMixin:
+    """With ``model.exact_schedule``: DDPM/DDIM read ``model.alphas_cumprod`` in its own dtype (guided-diffusion
+    computes the schedule in float64 and casts each coefficient to the sample's dtype last; diffusers' 0-d float64
+    coefficients times a float32 sample give float32, the same order). Other schedulers precompute sigmas from the
+    betas at construction, so they keep diffusers' float32 schedule."""
+    if not model.exact_schedule or not isinstance(scheduler, DDPMScheduler | DDIMScheduler):
+        return scheduler
+    ac = model.alphas_cumprod.detach().cpu().clone()
+    if ac.numel() != scheduler.config.num_train_timesteps:
+        raise SagConfigError(f"model {model.name!r} has {ac.numel()} training timesteps, the scheduler config "
+                             f"{scheduler.config.num_train_timesteps}; accepted: equal counts")
+    alphas = ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    scheduler.alphas_cumprod, scheduler.alphas, scheduler.betas = ac, alphas, 1 - alphas
+    if isinstance(scheduler, DDIMScheduler):  # alpha_bar before the first step (guided-diffusion: 1.0)
+        scheduler.final_alpha_cumprod = ac.new_tensor(1.0) if scheduler.config.set_alpha_to_one else ac[0]
+    return scheduler
+
+
+def set_timesteps(scheduler: SchedulerMixin, steps: int, model: DiffusionModel, device=None) -> None:
+    """``scheduler.set_timesteps`` for ``steps`` iterations, on the model's reference timesteps when it has them.
+
+    ``model.reference_timesteps(scheduler, steps)`` (ADM: guided-diffusion's respacing) is passed as custom
+    timesteps where ``set_timesteps`` takes them (DDPM); otherwise the scheduler's own spacing is used and a
+    warning names the difference when it does not reproduce them (DDIM: stride T // N).
+    """
+    wanted = model.reference_timesteps(scheduler, steps) if model.reference_timesteps is not None else None
+    if wanted is not None and "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(timesteps=wanted, device=device)
+        return
+    scheduler.set_timesteps(steps, device=device)
+    got = [int(t) for t in scheduler.timesteps]
+    if wanted is not None and got != wanted:
+        warnings.warn(f"{type(scheduler).__name__} takes no custom timesteps: {steps} steps run at "
+                      f"{got[:3]}..., not the reference sampler's {wanted[:3]}... of model {model.name!r}",
+                      stacklevel=2)
+
+
+# scheduler.step arguments the sampling loop itself supplies
+_LOOP_STEP_ARGS = frozenset({"self", "model_output", "timestep", "sample", "generator", "return_dict"})
+
+
+def step_kwargs(scheduler: SchedulerMixin, model: DiffusionModel,
+                step_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``scheduler.step``: the model's conventions (``model.step_options``, dropped where
+    the step does not take them) <- ``step_options`` (refused where it does not). The generator is added by
+    the loop (:func:`takes_generator`)."""
+    params = inspect.signature(scheduler.step).parameters
+    any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = {k for k in params if k not in _LOOP_STEP_ARGS}
+
+    def takes(k: str) -> bool:
+        return k not in _LOOP_STEP_ARGS and (any_kw or k in accepted)
+
+    user = dict(step_options or {})
+    refused = sorted(k for k in user if not takes(k))
+    if refused:
+        raise SagConfigError(f"step_options {refused}: {type(scheduler).__name__}.step does not take them; "
+                             f"accepted: {sorted(accepted)}")
+    out = {k: v for k, v in model.step_options.items() if takes(k)}
+    out.update(user)
+    return out
 
 
 def takes_variance(scheduler: SchedulerMixin) -> bool:

@@ -15,7 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
 from sag.errors import SagConfigError
@@ -28,6 +30,7 @@ from sag.models.adm import (
     build_adm_unet,
 )
 from sag.models.base import DiffusionModel
+from sag.schedule import space_timesteps
 
 Shapes = Mapping[str, tuple[int, ...]]  # diffusers tensor name -> shape
 
@@ -256,7 +259,8 @@ def load_adm(
     clip_denoised: bool = True,
     **flags: Any,
 ) -> DiffusionModel:
-    """An ADM checkpoint as a :class:`DiffusionModel` (eps prediction, learned variance, ADM schedule).
+    """An ADM checkpoint as a :class:`DiffusionModel` (eps prediction, learned variance, ADM schedule) that samples
+    as guided-diffusion with DDPM and DDIM (:func:`adm_sampling_conventions`).
 
     ``preset`` (a key of :data:`ADM_PRESETS`) and ``flags`` (guided-diffusion flag names; they override the
     preset) give the architecture; with neither, guided-diffusion's defaults apply.
@@ -274,12 +278,9 @@ def load_adm(
     if left:
         raise RuntimeError(f"ADM loader: {left[0]} left on the meta device")
     size = f["image_size"]
-    betas = torch.from_numpy(adm_betas(f["diffusion_steps"], f["noise_schedule"]))
-    alphas_cumprod = torch.cumprod(1 - betas, 0).to(torch.float32)
     return DiffusionModel(
         name="adm",
         net=net,
-        alphas_cumprod=alphas_cumprod,
         prediction_type="epsilon",
         learned_variance=f["learn_sigma"],
         conditioning="class" if f["class_cond"] else "none",
@@ -287,9 +288,49 @@ def load_adm(
         has_null_class=False,
         sample_size=(size, size),
         in_channels=f["in_channels"],
-        clip_denoised=clip_denoised,
-        scheduler_config=dict(adm_scheduler_config(f), prediction_type="epsilon"),
         source=str(Path(src).resolve()),
+        **adm_sampling_conventions(f, clip_denoised),
     )
+
+
+# --- sampling as guided-diffusion --------------------------------------------------------------------------
+def adm_sampling_conventions(f: Mapping[str, Any], clip_denoised: bool = True) -> dict[str, Any]:
+    """``DiffusionModel`` fields that make DDPM/DDIM sample as guided-diffusion (``gaussian_diffusion.py``,
+    ``respace.py``, ``script_util.create_gaussian_diffusion``) for normalised flags ``f``:
+
+    * the schedule in float64 (``GaussianDiffusion.__init__``: np.cumprod of float64 betas), used as is by the
+      scheduler (``exact_schedule``) and cast to the sample's dtype last, as ``_extract_into_tensor``;
+    * variance: LEARNED_RANGE with learn_sigma, else FIXED_LARGE (``sigma_small`` is False in every official
+      script): diffusers' ``learned_range`` / ``fixed_large`` (both the respaced beta_t, as ``SpacedDiffusion``);
+    * ``clip_denoised``: x0 clipped to [-1, 1] (``clip_sample``), and DDIM re-derives eps from the clipped x0
+      (``ddim_sample``: ``_predict_eps_from_xstart``) = ``step(use_clipped_model_output=True)``;
+    * timesteps: ``space_timesteps`` of :func:`adm_timesteps`.
+    """
+    betas = adm_betas(f["diffusion_steps"], f["noise_schedule"])
+    return {
+        "alphas_cumprod": torch.from_numpy(np.cumprod(1.0 - betas, axis=0)),  # float64
+        "clip_denoised": clip_denoised,
+        "scheduler_config": dict(adm_scheduler_config(f), prediction_type="epsilon", clip_sample=clip_denoised,
+                                 variance_type="learned_range" if f["learn_sigma"] else "fixed_large"),
+        "step_options": {"use_clipped_model_output": True} if clip_denoised else {},
+        "reference_timesteps": adm_timesteps,
+        "exact_schedule": True,
+    }
+
+
+def adm_timesteps(scheduler: Any, steps: int) -> list[int] | None:
+    """guided-diffusion's timesteps for ``steps`` iterations: ``timestep_respacing="ddim<steps>"`` for DDIM and
+    ``"<steps>"`` for DDPM (the official README: DDIM ``ddim25``, DDPM ``250``); None (the scheduler's own
+    spacing) for other schedulers and for DDIM step counts no integer stride gives (the official code refuses
+    them). Diffusers' DDIM only runs at stride T // N: equal to ``ddimN`` when N divides T."""
+    num_train = int(scheduler.config.num_train_timesteps)
+    if isinstance(scheduler, DDIMScheduler):
+        try:
+            return space_timesteps(num_train, f"ddim{steps}")
+        except ValueError:
+            return None
+    if isinstance(scheduler, DDPMScheduler):
+        return space_timesteps(num_train, str(steps))
+    return None
 
 

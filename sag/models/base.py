@@ -45,6 +45,14 @@ class DiffusionModel:
     in_channels: int = 3
     clip_denoised: bool = True  # clip x0 estimates to [-1, 1] (pixel models, as ADM's clip_denoised)
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    # The model's sampling conventions (its reference sampler: guided-diffusion for ADM). step_options: keyword
+    # arguments of ``scheduler.step`` (e.g. ``use_clipped_model_output``), dropped for a scheduler whose step does
+    # not take them; reference_timesteps(scheduler, steps): the reference sampler's timesteps for that scheduler
+    # (None: the scheduler's own spacing); exact_schedule: DDPM/DDIM schedulers use ``alphas_cumprod`` as given
+    # (its dtype, float64 for ADM) instead of diffusers' float32 cumprod of the betas (sag.schedulers).
+    step_options: dict[str, Any] = field(default_factory=dict)
+    reference_timesteps: Callable[[Any, int], list[int] | None] | None = None
+    exact_schedule: bool = False
     source: str = "code"
     call_style: str = "unet"
 

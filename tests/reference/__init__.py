@@ -1,0 +1,1 @@
+"""Transcriptions of reference code (guided-diffusion) that tests compare our library against."""
