@@ -49,7 +49,8 @@ def make_scheduler(model: DiffusionModel, name: str, **options) -> SchedulerMixi
     cls, defaults = SCHEDULERS[name]
     config = dict(model.scheduler_config)
     config["prediction_type"] = model.prediction_type
-    if model.learned_variance and cls is DDPMScheduler:
+    if model.learned_variance and cls is DDPMScheduler and config.get("variance_type") not in ("learned",
+                                                                                              "learned_range"):
         config["variance_type"] = "learned_range"  # IDDPM/ADM: the net predicts the interpolation v
     config.update(defaults)
     known = set(inspect.signature(cls.__init__).parameters)

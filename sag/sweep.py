@@ -122,20 +122,22 @@ def frontier_settings(*, kinds: Sequence[str], scale: float, cfg_scale: float, w
 
 
 def build_setting(model: DiffusionModel, setting: Setting, *, layers, psi: float, kernel_size: int,
-                  blur_sigma: float, classifier: nn.Module | None = None) -> Callable:
+                  blur_sigma: float, map_heads="layer", classifier: nn.Module | None = None) -> Callable:
     """The model call of a setting (:func:`sag.guidance.build_guidance` with its window and every-k)."""
     window = {"start": setting.start, "stop": setting.stop, "every": setting.every}
     if setting.kind == "none" and setting.guidance != "none":
         window = {}  # SAG / blur at s = 0 is the unguided model whatever its window (Eq. 16 with s = 0)
     return build_guidance(model, setting.kind, sag_scale=setting.sag_scale, cfg_scale=setting.cfg_scale,
                           cg_scale=setting.cg_scale, layers=layers, psi=float(psi), kernel_size=int(kernel_size),
-                          blur_sigma=float(blur_sigma), classifier=classifier, **window)
+                          blur_sigma=float(blur_sigma), map_heads=map_heads, classifier=classifier,
+                          **window)
 
 
 def build_settings(model: DiffusionModel, settings: Sequence[Setting], size: tuple[int, int] | None, *,
                    sag: Mapping, classifier_dir: str | None = None) -> dict[str, Callable]:
     """Build and validate the model call of every distinct setting (keyed by name) before the first sample.
-    ``sag`` holds the degradation shared by every SAG / blur setting (layers, psi, kernel_size, blur_sigma);
+    ``sag`` holds the degradation shared by every SAG / blur setting (layers, psi, kernel_size, blur_sigma,
+    map_heads);
     the noise-aware classifier (``classifier_dir``, None = the embedded one) is loaded only for CG kinds."""
     noisy = None
     if any(s.kind in CG_KINDS for s in settings):

@@ -183,6 +183,12 @@ def test_load_adm_file_and_learned_sigma_split(pair, tmp_path):
         torch.testing.assert_close(var, expected[:, 3:], atol=1e-9, rtol=1e-9)
     else:
         assert var is None
+    # the loaded model carries its flags, so SAG can rebuild the official map's head grouping
+    assert m.adm_flags["num_heads"] == adm_flags(None, **flags)["num_heads"]
+    from sag.guidance.sag import resolve_map_heads
+
+    layout = "new" if m.adm_flags["use_new_attention_order"] else "legacy"
+    assert resolve_map_heads(m, "official") == (m.adm_flags["num_heads"], layout)
 
 
 def test_schedule_is_guided_diffusions_linear():

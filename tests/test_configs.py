@@ -147,7 +147,7 @@ def test_sample_evaluate_frontier_share_one_source(model):
         assert g.kind == kind
         assert {k: v for k, v in g.items() if k != "kind"} == {k: v for k, v in sample["sag"].items() if k != "kind"}
     g = sample["sag"]
-    assert dict(ev.sag) == {k: g[k] for k in ("layers", "psi", "kernel_size", "blur_sigma")}
+    assert dict(ev.sag) == {k: g[k] for k in ("layers", "psi", "kernel_size", "blur_sigma", "map_heads")}
     assert (ev.combo_sag_scale, ev.cfg_scale, ev.cg_scale) == (g.sag_scale, g.cfg_scale, g.cg_scale)
     assert (fr.scale, fr.cfg_scale, dict(fr.sag)) == (g.sag_scale, g.cfg_scale, dict(ev.sag))
 
@@ -162,7 +162,7 @@ def test_model_guidance_adm_is_adm256():
 # The main job's effective values per stage (experiments.main: experiment=main/<stage> + conf/main_scale), as
 # before the stages ran through overlays. main.yaml's own `model: embedded` comes after main_scale in its
 # defaults list, so main_scale=tiny runs the embedded model at tiny sizes.
-SAG_EMBEDDED = {"layers": "mid_block.*", "psi": 1.0, "kernel_size": 9, "blur_sigma": 1.0}
+SAG_EMBEDDED = {"layers": "mid_block.*", "psi": 1.0, "kernel_size": 9, "blur_sigma": 1.0, "map_heads": "layer"}
 MAIN_STAGES = {
     "default": {
         "capture": {"model.name": "embedded", "seeds": "0-31", "steps": 20, "batch_size": 16, "progress": True,

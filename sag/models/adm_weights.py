@@ -289,6 +289,7 @@ def load_adm(
         sample_size=(size, size),
         in_channels=f["in_channels"],
         source=str(Path(src).resolve()),
+        adm_flags=dict(f),
         **adm_sampling_conventions(f, clip_denoised),
     )
 

@@ -53,6 +53,9 @@ class DiffusionModel:
     step_options: dict[str, Any] = field(default_factory=dict)
     reference_timesteps: Callable[[Any, int], list[int] | None] | None = None
     exact_schedule: bool = False
+    # guided-diffusion architecture flags of an ADM checkpoint (sag.models.adm.adm_flags); None for other models.
+    # SAG's map_heads="official" reads num_heads / use_new_attention_order from them.
+    adm_flags: dict[str, Any] | None = None
     source: str = "code"
     call_style: str = "unet"
 
