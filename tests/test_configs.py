@@ -160,8 +160,8 @@ def test_model_guidance_adm_is_adm256():
 
 
 # The main job's effective values per stage (experiments.main: experiment=main/<stage> + conf/main_scale), as
-# before the stages ran through overlays. main.yaml's own `model: embedded` comes after main_scale in its
-# defaults list, so main_scale=tiny runs the embedded model at tiny sizes.
+# before the stages ran through overlays. The model comes from main_scale: embedded by default, the tiny random
+# class-conditional model with main_scale=tiny (its model_guidance file: s = 0.75, w = 1.0).
 SAG_EMBEDDED = {"layers": "mid_block.*", "psi": 1.0, "kernel_size": 9, "blur_sigma": 1.0, "map_heads": "layer"}
 MAIN_STAGES = {
     "default": {
@@ -178,11 +178,12 @@ MAIN_STAGES = {
                      "metrics.draws_fd": 50, "sag": SAG_EMBEDDED},
     },
     "tiny": {
-        "capture": {"model.name": "embedded", "seeds": "0-3", "steps": 3, "batch_size": 4, "progress": False},
+        "capture": {"model.name": "tiny_pixel_cond", "seeds": "0-3", "steps": 3, "batch_size": 4, "progress": False},
         "studies": {"scenes.count": 4, "scenes.t": [100, 500], "analysis.n_boot": 50, "analysis.random_draws": 5},
-        "evaluate": {"seeds": "0-5", "steps": 3, "batch_size": 6, "sag_scales": [0, 0.5], "blur_scales": [0, 0.5],
-                     "combo_sag_scale": 0.5, "cfg_scale": 1.0, "metrics.draws": 20, "metrics.draws_fd": 5},
-        "frontier": {"seeds": "0-5", "steps": 4, "batch_size": 6, "scale": 0.5, "kinds": ["sag"],
+        "evaluate": {"model.name": "tiny_pixel_cond", "seeds": "0-5", "steps": 3, "batch_size": 6,
+                     "sag_scales": [0, 0.5], "blur_scales": [0, 0.5], "combo_sag_scale": 0.75, "cfg_scale": 1.0,
+                     "metrics.draws": 20, "metrics.draws_fd": 5},
+        "frontier": {"seeds": "0-5", "steps": 4, "batch_size": 6, "scale": 0.75, "kinds": ["sag"],
                      "windows": [[0.0, 0.5]], "every": [2], "metrics.draws": 20, "metrics.draws_fd": 5},
     },
 }
