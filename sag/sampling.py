@@ -155,11 +155,13 @@ def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: Scheduler
     """One batch's trajectory: x_T from per-seed generators, then for each t: scale_model_input, model call,
     scheduler step (with ``options``, the step's keyword arguments). Returns x_0 (b, C, H, W) on the CPU."""
     device, dtype = model.device, model.dtype
-    sched = fresh_scheduler(scheduler, model)  # fresh state per batch (multistep history)
+    # fresh state per batch (multistep history); no second clipping of an x0 the guidance clipped itself
+    sched = fresh_scheduler(scheduler, model, clip_sample=False if guide.clips_x0 else None)
     set_timesteps(sched, steps, model, device)  # the model's reference timesteps where it has them
     noise, gens = initial_noise(batch.seeds, (model.in_channels, *size), device, dtype)
     x = noise * sched.init_noise_sigma
     first, x, sched = _resume(batch, x, sched, gens, device, bar)
+    guide.bind_scheduler(sched)
     step_kw = dict(options, generator=gens) if takes_generator(sched) else dict(options)
     num_steps = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):

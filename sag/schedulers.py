@@ -37,16 +37,65 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 
+class ListedDDIMScheduler(DDIMScheduler):
+    """``DDIMScheduler`` that also runs on a list of timesteps: ``set_timesteps(timesteps=[...])`` (descending),
+    each step going to the next listed timestep (the last one to ``final_alpha_cumprod``), as guided-diffusion's
+    ``ddim_sample`` on a ``SpacedDiffusion``. Diffusers' step goes back by T // N, which reproduces ``ddimN`` only
+    when N divides T (ddim30: stride 34 there, 33 here). Without a list it is ``DDIMScheduler``, bit for bit."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list[int] | None = None):
+        """``timesteps``: the listed timesteps (descending); else diffusers' spacing for ``num_inference_steps``."""
+        self.listed = timesteps is not None
+        if not self.listed:
+            return super().set_timesteps(num_inference_steps, device)
+        if any(a <= b for a, b in zip(timesteps, timesteps[1:])) or min(timesteps) < 0 or \
+                max(timesteps) >= self.config.num_train_timesteps:
+            raise SagConfigError(f"timesteps {list(timesteps)[:4]}...; accepted: strictly descending, in "
+                                 f"[0, {self.config.num_train_timesteps})")
+        self.num_inference_steps = len(timesteps)
+        self.timesteps = torch.tensor(list(timesteps), dtype=torch.int64, device=device)
+
+    def previous_timestep(self, timestep) -> int:
+        """The next listed timestep after ``timestep`` (-1 after the last); unlisted: t - T // N, as ``step``."""
+        if not getattr(self, "listed", False):
+            return int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+        ts = [int(t) for t in self.timesteps]
+        i = ts.index(int(timestep))
+        return ts[i + 1] if i + 1 < len(ts) else -1
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        """``DDIMScheduler.step`` to the next listed timestep: the entry diffusers reads for its own previous
+        timestep (t - T // N, or ``final_alpha_cumprod`` below 0) holds the listed one's alpha_bar for this call."""
+        if not getattr(self, "listed", False):
+            return super().step(model_output, timestep, sample, *args, **kwargs)
+        saved = self.alphas_cumprod, self.final_alpha_cumprod
+        prev, theirs = self.previous_timestep(timestep), int(timestep) - self.config.num_train_timesteps // len(
+            self.timesteps)
+        wanted = saved[0][prev] if prev >= 0 else saved[1]
+        if theirs >= 0:
+            self.alphas_cumprod = saved[0].clone()
+            self.alphas_cumprod[theirs] = wanted
+        else:
+            self.final_alpha_cumprod = wanted
+        try:
+            return super().step(model_output, timestep, sample, *args, **kwargs)
+        finally:
+            self.alphas_cumprod, self.final_alpha_cumprod = saved
+
+
 def make_scheduler(model: DiffusionModel, name: str, **options) -> SchedulerMixin:
     """A fresh scheduler of kind ``name`` with the model's betas, prediction type and scheduler conventions.
 
     Config: ``model.scheduler_config`` <- the registry's defaults <- ``options`` (entries the scheduler does not
     take are dropped from the model's, refused from ``options``; e.g. ``timestep_spacing``, ``use_karras_sigmas``).
     With ``model.exact_schedule`` the scheduler gets the model's own ``alphas_cumprod`` (:func:`fresh_scheduler`).
+    DDIM for a model with reference timesteps is :class:`ListedDDIMScheduler` (any step count exact).
     """
     if name not in SCHEDULERS:
         raise SagConfigError(f"scheduler {name!r} is not registered; accepted: {sorted(SCHEDULERS)}")
     cls, defaults = SCHEDULERS[name]
+    if cls is DDIMScheduler and model.reference_timesteps is not None:
+        cls = ListedDDIMScheduler  # runs the model's reference timesteps whatever N (set_timesteps)
     config = dict(model.scheduler_config)
     config["prediction_type"] = model.prediction_type
     if model.learned_variance and cls is DDPMScheduler and config.get("variance_type") not in ("learned",
@@ -61,9 +110,15 @@ def make_scheduler(model: DiffusionModel, name: str, **options) -> SchedulerMixi
     return _use_model_schedule(cls.from_config({k: v for k, v in config.items() if k in known}), model)
 
 
-def fresh_scheduler(scheduler: SchedulerMixin, model: DiffusionModel) -> SchedulerMixin:
-    """A new scheduler of ``scheduler``'s class and config (no multistep history), on ``model``'s exact schedule."""
-    return _use_model_schedule(type(scheduler).from_config(scheduler.config), model)
+def fresh_scheduler(scheduler: SchedulerMixin, model: DiffusionModel,
+                    clip_sample: bool | None = None) -> SchedulerMixin:
+    """A new scheduler of ``scheduler``'s class and config (no multistep history), on ``model``'s exact schedule.
+    ``clip_sample`` (where the config has it) overrides the config's: False when the model call already clipped
+    x0 (a guidance with ``clips_x0``)."""
+    config = dict(scheduler.config)
+    if clip_sample is not None and "clip_sample" in config:
+        config["clip_sample"] = clip_sample
+    return _use_model_schedule(type(scheduler).from_config(config), model)
 
 
 def _use_model_schedule(scheduler: SchedulerMixin, model: DiffusionModel) -> SchedulerMixin:

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from reference.adm_unet import SagUNetModel, UNetModel, randomize
 from reference.guided_diffusion import FIXED_LARGE, LEARNED_RANGE, SpacedDiffusion
@@ -20,13 +21,14 @@ from reference.guided_diffusion import space_timesteps as official_space_timeste
 from torch import nn
 
 from sag.errors import SagConfigError
+from sag.guidance import build_guidance
 from sag.guidance.classifier import ClassifierGuidance
-from sag.guidance.sag import SelfAttentionGuidance
 from sag.models.adm import ADM_LAYER_NAMES, adm_attention_heads
 from sag.models.adm_weights import load_adm
+from sag.models.base import DiffusionModel
 from sag.sampling import initial_noise, sample
 from sag.schedule import space_timesteps
-from sag.schedulers import make_scheduler, set_timesteps, step_kwargs
+from sag.schedulers import ListedDDIMScheduler, make_scheduler, set_timesteps, step_kwargs
 
 # 3 levels (32, 16, 8 px), attention at 8x8 only, legacy qkv order, num_heads mode: the selected block
 # output_blocks.1 sits at 8x8 (the fork's hard-coded attn_res for depths 0-2) and has the model-level num_heads,
@@ -40,6 +42,8 @@ BETAS = np.linspace(0.0001, 0.02, 1000, dtype=np.float64)
 # float32: the two nets differ by reordered sums (~1e-6 of the output) and the samplers by the order of float32
 # coefficient products; 1e-4 over a whole trajectory. float64: the same differences at ~1e-15, 1e-8 with margin.
 ATOL = {torch.float32: 1e-4, torch.float64: 1e-8}
+# ddim30, three times the steps of ddim10: float32 rounding accumulates to 1.1e-4 (measured, fixed sigma)
+ATOL_30_STEPS = {torch.float32: 2e-4, torch.float64: 1e-8}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,14 +55,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """(official UNet, checkpoint path, flags) per variance kind, random weights under fixed seeds.
-
-    The output conv is scaled by 0.05: the random net's Jacobian (unlike a trained denoiser's) amplifies any
-    difference ~3x per step (float64 rounding 2e-14 at step 1 grew to 8e-3 after 21 DDPM steps); scaled, the
-    trajectories stay contractive and rounding differences keep their size (float64 ~1e-13, float32 ~4e-5).
-    """
+def _random_checkpoints(tmp_path_factory, eps_bias_scale):
+    """(official UNet, checkpoint path, flags) per variance kind, random weights under fixed seeds; the output
+    conv's weights and variance-channel biases scaled by 0.05, its eps-channel biases by ``eps_bias_scale``."""
     out = {}
     for kind, flags in (("learned", LEARNED), ("fixed", FIXED)):
         torch.manual_seed(0)
@@ -66,10 +65,31 @@ def checkpoints(tmp_path_factory):
         with torch.no_grad():
             ref.out[2].weight.mul_(0.05)
             ref.out[2].bias.mul_(0.05)
+            ref.out[2].bias[:3].mul_(eps_bias_scale / 0.05)
         path = tmp_path_factory.mktemp("adm") / f"{kind}.pt"
         torch.save(ref.state_dict(), path)
         out[kind] = (ref, path, flags)
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The output conv is scaled by 0.05: the random net's Jacobian (unlike a trained denoiser's) amplifies any
+    difference ~3x per step (float64 rounding 2e-14 at step 1 grew to 8e-3 after 21 DDPM steps); scaled, the
+    trajectories stay contractive and rounding differences keep their size (float64 ~1e-13, float32 ~4e-5).
+    """
+    return _random_checkpoints(tmp_path_factory, eps_bias_scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def sag_checkpoints(tmp_path_factory):
+    """As ``checkpoints``, but the eps channels keep a bias 30x the random init's, so eps = O(1) (as a trained
+    net's). SAG's second pass sees x_bar = sqrt(ab) G(x0) + sqrt(1 - ab) eps: with the small eps of ``checkpoints``
+    x_bar is tiny at large t and the scale-invariant GroupNorms multiply its rounding ~50x; then even the official
+    float32 sampler is 3e-2..1.6e-1 away from its own float64 trajectory (DDIM, deterministic). With O(1) eps that
+    self-distance drops to 1.1e-4..1.4e-4, the float32 floor of any reimplementation (see SAG_ATOL).
+    """
+    return _random_checkpoints(tmp_path_factory, eps_bias_scale=30.0)
 
 
 def _ours(model, scheduler, steps, seeds=SEEDS, **kw):
@@ -130,8 +150,13 @@ def test_adm_scheduler_conventions(checkpoints):
     assert ddpm.timesteps.tolist() == sorted(official_space_timesteps(1000, "21"), reverse=True)
     set_timesteps(ddim, 25, m)
     assert ddim.timesteps.tolist() == sorted(official_space_timesteps(1000, "ddim25"), reverse=True)
-    with pytest.warns(UserWarning, match="takes no custom timesteps"):  # ddim30: stride 34, diffusers: 33
-        set_timesteps(make_scheduler(m, "ddim"), 30, m)
+    ddim30 = make_scheduler(m, "ddim")  # ListedDDIMScheduler: the official stride 34 (diffusers' own: 33)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_timesteps(ddim30, 30, m)
+    assert ddim30.timesteps.tolist() == sorted(official_space_timesteps(1000, "ddim30"), reverse=True)
+    with pytest.warns(UserWarning, match="takes no custom timesteps"):  # a plain DDIMScheduler: stride 33
+        set_timesteps(DDIMScheduler.from_config(ddim30.config), 30, m)
     learned = load_adm(str(checkpoints["learned"][1]), **LEARNED)
     assert make_scheduler(learned, "ddpm").config.variance_type == "learned_range"
 
@@ -154,7 +179,7 @@ def test_step_options_model_conventions_and_explicit(checkpoints):
 # --- unguided trajectories --------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", ["learned", "fixed"])
-@pytest.mark.parametrize("scheduler,steps,spec", [("ddpm", 21, "21"), ("ddim", 10, "ddim10")])
+@pytest.mark.parametrize("scheduler,steps,spec", [("ddpm", 21, "21"), ("ddim", 10, "ddim10"), ("ddim", 30, "ddim30")])
 def test_unguided_trajectory_equals_guided_diffusion(checkpoints, kind, scheduler, steps, spec, dtype):
     ref, path, flags = checkpoints[kind]
     m = load_adm(str(path), dtype=str(dtype).removeprefix("torch."), **flags)
@@ -164,7 +189,7 @@ def test_unguided_trajectory_equals_guided_diffusion(checkpoints, kind, schedule
         expected = _reference(_plain(ref, dtype), flags, spec, dtype, use_ddim=scheduler == "ddim")
     assert ours.dtype == expected.dtype == dtype and ours.shape == expected.shape == (steps + 1, 2, 3, 32, 32)
     assert (expected[-1] - expected[0]).abs().mean() > 0.1  # the trajectory moves
-    torch.testing.assert_close(ours, expected, atol=ATOL[dtype], rtol=0)
+    torch.testing.assert_close(ours, expected, atol=(ATOL_30_STEPS if steps == 30 else ATOL)[dtype], rtol=0)
 
 
 def test_ddim_without_clipped_eps_diverges(checkpoints):
@@ -201,28 +226,40 @@ def _official_cond_fn(classifier, scale):
     return cond_fn
 
 
-def test_classifier_guidance_ddim_equals_condition_score(checkpoints):
-    """DDIM: our score form eps - s sqrt(1 - ab) grad is ``condition_score`` when x0 is not clipped. With
-    clip_denoised the official code clips x0 *before* subtracting the gradient and does not clip again, while
-    ours clips the guided x0 in the scheduler step: equal only where no pixel is clipped."""
-    ref, path, flags = checkpoints["learned"]
-    m = load_adm(str(path), clip_denoised=False, **flags)
-    clf, y, scale = TinyClassifier(), torch.tensor([1, 3]), 30.0
-    ours = _ours(m, "ddim", 10, model_fn=ClassifierGuidance(m, clf, scale=scale), cond=y)
-    expected = _reference(_plain(ref, torch.float32), flags, "ddim10", torch.float32, use_ddim=True,
-                          clip_denoised=False, cond_fn=_official_cond_fn(clf, scale), model_kwargs={"y": y})
-    unguided = _ours(m, "ddim", 10)
-    assert (ours[-1] - unguided[-1]).abs().max() > 1e-2  # the guidance acts
-    torch.testing.assert_close(ours, expected, atol=ATOL[torch.float32], rtol=0)
+def _cg_case(checkpoints, kind, dtype):
+    """(official net, our model, classifier, labels, scale) for a classifier-guided comparison in ``dtype``."""
+    ref, path, flags = checkpoints[kind]
+    m = load_adm(str(path), dtype=str(dtype).removeprefix("torch."), **flags)
+    return ref, m, TinyClassifier().to(dtype), torch.tensor([1, 3]), 30.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", ["learned", "fixed"])
+@pytest.mark.parametrize("scheduler,steps,spec", [("ddpm", 10, "10"), ("ddim", 10, "ddim10")])
+def test_classifier_guidance_trajectory_equals_classifier_sample(checkpoints, kind, scheduler, steps, spec, dtype):
+    """ADM's convention cg_form="official": DDPM = ``condition_mean`` (Algorithm 1, Sigma of the step's variance
+    type), DDIM = ``condition_score`` on the clipped x0, the guided x0 not clipped again (classifier_sample.py)."""
+    ref, m, clf, y, scale = _cg_case(checkpoints, kind, dtype)
+    guide = build_guidance(m, "cg", cg_scale=scale, classifier=clf)
+    assert guide.form == "official" and guide.clips_x0
+    ours = _ours(m, scheduler, steps, model_fn=guide, cond=y)
+    expected = _reference(_plain(ref, dtype), checkpoints[kind][2], spec, dtype, use_ddim=scheduler == "ddim",
+                          cond_fn=_official_cond_fn(clf, scale), model_kwargs={"y": y})
+    assert (ours[-1] - _ours(m, scheduler, steps)[-1]).abs().max() > 1e-2  # the guidance acts
+    torch.testing.assert_close(ours, expected, atol=ATOL[dtype], rtol=0)
+    if dtype == torch.float32:  # the score form on the raw eps, clipped after guidance, is another sampler
+        score = _ours(m, scheduler, steps, model_fn=build_guidance(m, "cg", cg_scale=scale, classifier=clf,
+                                                                   cg_form="score"), cond=y)
+        assert (score - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["fixed", "learned"])
-def test_classifier_guidance_ddpm_is_a_rescaled_condition_mean(checkpoints, kind):
-    """DDPM: the official ``condition_mean`` (ADM Algorithm 1) shifts the posterior mean by Sigma s grad; our
-    score form shifts x0 by s (1 - ab) / sqrt(ab) grad, i.e. the mean by s beta_t / sqrt(1 - beta_t) grad (beta_t
-    the respaced beta). So ours = official * beta_t / (sqrt(1 - beta_t) Sigma), per pixel (Sigma = beta_t for
-    FIXED_LARGE: a factor 1 / sqrt(1 - beta_t)). Not equal; checked at every step of a 5-step respacing, from the
-    same x_t with the same noise, without clipping (clipping would cut both shifts differently)."""
+def test_classifier_guidance_ddpm_score_form_is_a_rescaled_condition_mean(checkpoints, kind):
+    """The score form (cg_form="score", every non-ADM model's default) on DDPM: it shifts x0 by
+    s (1 - ab) / sqrt(ab) grad, i.e. the mean by s beta_t / sqrt(1 - beta_t) grad (beta_t the respaced beta), where
+    ``condition_mean`` shifts it by Sigma s grad. So score = official * beta_t / (sqrt(1 - beta_t) Sigma), per pixel
+    (Sigma = beta_t for FIXED_LARGE: a factor 1 / sqrt(1 - beta_t)). Checked at every step of a 5-step respacing,
+    from the same x_t with the same noise, without clipping (clipping would cut both shifts differently)."""
     ref, path, flags = checkpoints[kind]
     m = load_adm(str(path), clip_denoised=False, **flags)
     clf, y, scale = TinyClassifier(), torch.tensor([1, 3]), 30.0
@@ -230,7 +267,7 @@ def test_classifier_guidance_ddpm_is_a_rescaled_condition_mean(checkpoints, kind
                                 model_var_type=LEARNED_RANGE if flags["learn_sigma"] else FIXED_LARGE)
     sched = make_scheduler(m, "ddpm")
     set_timesteps(sched, 5, m)
-    guide = ClassifierGuidance(m, clf, scale=scale)
+    guide = ClassifierGuidance(m, clf, scale=scale, form="score")
     x = initial_noise(SEEDS, (3, 32, 32), "cpu", torch.float32)[0]
     for i, t in enumerate(sched.timesteps[:-1]):  # the last step adds no noise and has beta from the clip
         ti = torch.full((2,), 4 - i)  # the spaced index of t
@@ -251,29 +288,62 @@ def test_classifier_guidance_ddpm_is_a_rescaled_condition_mean(checkpoints, kind
 
 
 # --- the SAG fork's guided sampler -------------------------------------------------------------------------
+# float32: the official float32 DDIM trajectory on sag_checkpoints is itself 1.1e-4..1.4e-4 from its float64 one
+# (max abs, 10 steps); ours differs from it by reordered float32 sums of the same size (the blur: separable 1-D
+# convs vs torchvision's 961-tap 2-D kernel; diffusers' attention vs the fork's einsum), measured 3e-5..1.2e-4;
+# 2e-4 is that floor with margin. float64: measured <= 2e-13, 1e-8 as for the unguided sampler.
+SAG_ATOL = {torch.float32: 2e-4, torch.float64: 1e-8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("cg", [False, True], ids=["sag", "sag_cg"])
 @pytest.mark.parametrize("kind", ["learned", "fixed"])
 @pytest.mark.parametrize("scheduler,steps,spec", [("ddpm", 4, "4"), ("ddim", 10, "ddim10")])
-def test_sag_trajectory_equals_the_official_sag(checkpoints, kind, scheduler, steps, spec):
+def test_sag_trajectory_equals_the_official_sag(sag_checkpoints, kind, scheduler, steps, spec, cg, dtype):
     """Ours: SelfAttentionGuidance on the layer of the fork's ``--sel_attn_block output --sel_attn_depth 1``, the
-    fork's hard-coded kernel 31 and threshold psi = 1.0, its blur_sigma, s = guide_scale - 1.
-
-    In float64: the fork's softmax is float32 (it only decides the binary mask) and our blur kernel is built in
-    float32 (sag.guidance.functions.gaussian_kernel1d, ~6e-8 relative); the SAG dynamics of this random net
-    multiply such differences ~10x per step (1e-8 after one step), hence 1e-5. In float32 the same net does not
-    reach 1e-4: its predicted eps is small (output conv scaled by 0.05), so x_bar ~ sqrt(1 - ab) eps is small and
-    the GroupNorms (scale-invariant) multiply input rounding by ~50 at t = 999; with an unscaled output the
-    unguided trajectory itself is chaotic (see ``checkpoints``).
+    fork's hard-coded kernel 31 and threshold psi = 1.0, its blur_sigma, s = guide_scale - 1; with ``cg`` the
+    classifier guidance of ``build_guidance(kind="sag_cg")`` around it (the fork's p_sample/ddim_sample apply
+    ``cond_fn`` after the SAG branch: condition_mean / condition_score on the clipped SAG x0).
     """
-    ref, path, flags = checkpoints[kind]
-    m = load_adm(str(path), dtype="float64", **flags)
+    ref, path, flags = sag_checkpoints[kind]
+    m = load_adm(str(path), dtype=str(dtype).removeprefix("torch."), **flags)
     layer = ADM_LAYER_NAMES(flags)["output_blocks.1"]
     assert adm_attention_heads(flags)[layer] == flags["num_heads"]  # true heads = the fork's pseudo-heads
     guide_scale, blur_sigma = 1.8, 3.0
-    g = SelfAttentionGuidance(m, scale=guide_scale - 1, layers=layer, psi=1.0, kernel_size=31, blur_sigma=blur_sigma)
-    ours = _ours(m, scheduler, steps, model_fn=g)
-    official = SagUNetModel(ref.double(), "output", 1, flags["num_heads"])
-    expected = _reference(official, flags, spec, torch.float64, use_ddim=scheduler == "ddim",
-                          guidance_kwargs={"guide_scale": guide_scale, "guide_start": 1000, "blur_sigma": blur_sigma})
-    plain = _ours(m, scheduler, steps)
+    sag_kw = dict(sag_scale=guide_scale - 1, layers=layer, psi=1.0, kernel_size=31, blur_sigma=blur_sigma)
+    clf, y, scale = TinyClassifier().to(dtype), torch.tensor([1, 3]), 30.0
+    if cg:
+        g, kw = build_guidance(m, "sag_cg", cg_scale=scale, classifier=clf, **sag_kw), {"cond": y}
+        ref_kw = {"cond_fn": _official_cond_fn(clf, scale), "model_kwargs": {"y": y}}
+    else:
+        g, kw, ref_kw = build_guidance(m, "sag", **sag_kw), {}, {}
+    ours = _ours(m, scheduler, steps, model_fn=g, **kw)
+    official = SagUNetModel(ref.to(dtype), "output", 1, flags["num_heads"])
+    expected = _reference(official, flags, spec, dtype, use_ddim=scheduler == "ddim",
+                          guidance_kwargs={"guide_scale": guide_scale, "guide_start": 1000, "blur_sigma": blur_sigma},
+                          **ref_kw)
+    plain = _ours(m, scheduler, steps, **kw) if not cg else _ours(m, scheduler, steps, model_fn=build_guidance(
+        m, "cg", cg_scale=scale, classifier=clf), cond=y)
     assert (ours[-1] - plain[-1]).abs().max() > 1e-2  # SAG acts
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, expected, atol=SAG_ATOL[dtype], rtol=0)
+
+
+def test_listed_ddim_without_a_list_is_diffusers_ddim(checkpoints):
+    """ListedDDIMScheduler (ADM's DDIM) without custom timesteps steps exactly as DDIMScheduler; models without
+    reference timesteps keep DDIMScheduler and the score form of classifier guidance."""
+    _, path, flags = checkpoints["fixed"]
+    m = load_adm(str(path), **flags)
+    listed = make_scheduler(m, "ddim")
+    assert isinstance(listed, ListedDDIMScheduler)
+    plain = DDIMScheduler.from_config(listed.config)
+    plain.alphas_cumprod, plain.final_alpha_cumprod = listed.alphas_cumprod, listed.final_alpha_cumprod
+    listed.set_timesteps(7)
+    plain.set_timesteps(7)
+    gen = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
+    for t in plain.timesteps:
+        assert torch.equal(listed.step(eps, t, x, eta=0.3, generator=torch.Generator().manual_seed(1)).prev_sample,
+                           plain.step(eps, t, x, eta=0.3, generator=torch.Generator().manual_seed(1)).prev_sample)
+    other = DiffusionModel("other", m.net, m.alphas_cumprod.float())
+    assert type(make_scheduler(other, "ddim")) is DDIMScheduler
+    assert build_guidance(other, "cg", classifier=TinyClassifier()).form == "score"

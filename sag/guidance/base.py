@@ -2,7 +2,11 @@
 
 A guidance is a :class:`GuidanceFn`: a callable with the model-call contract ``(x_t, t, cond) -> raw model output``
 (the prediction, with the learned variance appended for learned-variance models) plus two hooks the sampler calls
-unconditionally: ``begin_step(step, num_steps)`` before each iteration and ``validate(size)`` once before sampling.
+unconditionally: ``begin_step(step, num_steps)`` before each iteration and ``validate(size)`` once before sampling;
+``bind_scheduler(scheduler)`` once per trajectory with the scheduler whose timesteps are set (a term whose math
+depends on the step, e.g. classifier guidance's DDPM mean form, reads it), and ``clips_x0``, which tells the
+sampler that the output already holds the model's clipped x0 with guidance applied after the clipping (the
+scheduler then runs with ``clip_sample=False``, as guided-diffusion does not clip a guided x0 again).
 :func:`as_guidance` lifts a plain model call (a ``DiffusionModel``, any function) to that contract, so samplers
 never ask which hooks a model call has. Guidance math happens in eps space; results are converted back to the
 model's prediction type. ``t`` may be a scalar (what ``scheduler.timesteps`` yields) or a (b,) tensor everywhere.
@@ -31,6 +35,11 @@ class GuidanceFn(Protocol):
     def begin_step(self, step: int, num_steps: int) -> None: ...
 
     def validate(self, size: tuple[int, int]) -> None: ...
+
+    def bind_scheduler(self, scheduler) -> None: ...
+
+    @property
+    def clips_x0(self) -> bool: ...
 
 
 def check_scale(name: str, value: float) -> float:
@@ -102,6 +111,15 @@ class Guidance:
         """Check settings that depend on the sample size (H, W); called before sampling starts."""
         self.inner.validate(size)
 
+    def bind_scheduler(self, scheduler) -> None:
+        """Called by the sampler once per trajectory with its scheduler (timesteps set); forwards to the inner call."""
+        self.inner.bind_scheduler(scheduler)
+
+    @property
+    def clips_x0(self) -> bool:
+        """Whether the output's x0 is final (clipped before the last guidance term): the inner call's answer."""
+        return self.inner.clips_x0
+
     # --- conversions between raw outputs and eps --------------------------------------------------
     def to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
         """(eps, learned variance or None) from a raw model output."""
@@ -146,6 +164,14 @@ class ModelCall(Guidance):
         """The model's own size check (e.g. DiT needs a square latent); nothing for a plain function."""
         if self.model is not None:
             self.model.validate(size)
+
+    def bind_scheduler(self, scheduler) -> None:
+        """Nothing depends on the scheduler."""
+
+    @property
+    def clips_x0(self) -> bool:
+        """A plain model call leaves clipping to the scheduler."""
+        return False
 
 
 def as_guidance(fn) -> Guidance:

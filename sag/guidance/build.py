@@ -35,10 +35,10 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
                    psi: float = 1.0, kernel_size: int = 9, blur_sigma: float = 1.0, cfg_scale: float = 3.0,
                    cg_scale: float = 1.0, classifier=None, start: float = 0.0, stop: float = 1.0, every: int = 1,
                    cfg_start: float = 0.0, cfg_stop: float = 1.0, cg_start: float = 0.0,
-                   cg_stop: float = 1.0, map_heads: str | int = "layer") -> Guidance:
+                   cg_stop: float = 1.0, map_heads: str | int = "layer", cg_form: str | None = None) -> Guidance:
     """The model call of guidance ``kind``, always a :class:`Guidance` (``none``: a pass-through ModelCall).
 
-    Kinds and their terms: ``none``; ``cfg`` (classifier-free guidance); ``cg`` (classifier guidance, score form);
+    Kinds and their terms: ``none``; ``cfg`` (classifier-free guidance); ``cg`` (classifier guidance);
     ``sag`` (paper Eq. 16); ``blur`` (SAG's degradation with a mask of ones); ``sag_cfg`` (Eq. 25: SAG built on
     the unconditional branch + CFG); ``sag_cg`` (classifier guidance around SAG).
 
@@ -61,8 +61,10 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
         blur_sigma: standard deviation of that blur (same units), > 0. SAG/blur term.
         cfg_scale: w of eps_u + (1 + w)(eps_c - eps_u) (0 = conditional only; diffusers' ``guidance_scale`` is
             1 + w). cfg, sag_cfg.
-        cg_scale: lambda of eps - lambda sqrt(1 - ab_t) grad_x log p(y | x_t, t) (0 = off). cg, sag_cg.
+        cg_scale: lambda, the gradient's scale (0 = off; the official ``--classifier_scale``). cg, sag_cg.
         classifier: noise-aware ``classifier(x_t, t) -> logits``; required by cg, sag_cg.
+        cg_form: ``"score"`` (on the raw eps) or ``"official"`` (guided-diffusion: x0 clipped, then condition_mean
+            on DDPM / condition_score); None = ``model.cg_form`` (ADM: official, else score). cg, sag_cg.
         start, stop: the SAG/blur term's window in fractions of the trajectory: iteration i of n is guided when
             start <= i / n < stop (stop = 1 includes the last); outside, the kind costs what it costs without SAG.
         every: k >= 1, guide only every k-th iteration of the SAG/blur window, counted from its first.
@@ -81,13 +83,11 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
         return ClassifierFreeGuidance(model, cfg_scale, cfg_start, cfg_stop)
     if "cg" in TERMS[kind] and classifier is None:
         raise SagConfigError(f"guidance {kind!r} needs a classifier")
-    if kind == "cg":
-        return ClassifierGuidance(model, classifier, cg_scale, cg_start, cg_stop)
-    sag = SelfAttentionGuidance(
+    sag = None if kind == "cg" else SelfAttentionGuidance(
         model, sag_scale, layers, psi, kernel_size, blur_sigma, mask="global" if kind == "blur" else "attention",
         cfg_scale=cfg_scale if kind == "sag_cfg" else 0.0, start=start, stop=stop, cfg_start=cfg_start,
         cfg_stop=cfg_stop, every=every, map_heads=map_heads,
     )
-    if kind == "sag_cg":
-        return ClassifierGuidance(model, classifier, cg_scale, cg_start, cg_stop, inner=sag)
+    if "cg" in TERMS[kind]:  # cg: around the model; sag_cg: around SAG
+        return ClassifierGuidance(model, classifier, cg_scale, cg_start, cg_stop, inner=sag, form=cg_form)
     return sag

@@ -16,7 +16,8 @@ def gaussian_kernel1d(kernel_size: int, blur_sigma: float, dtype=torch.float32, 
     integer offsets centred on 0 (torchvision's ``_get_gaussian_kernel1d``, which diffusers' ``gaussian_blur_2d``
     copies)."""
     half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=kernel_size)
+    # float32 unless float64 is asked for (then built in float64, as torchvision builds it in the image's dtype)
+    x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float64 if dtype == torch.float64 else None)
     pdf = torch.exp(-0.5 * (x / blur_sigma).pow(2))
     return (pdf / pdf.sum()).to(device=device, dtype=dtype)
 

@@ -305,7 +305,9 @@ def adm_sampling_conventions(f: Mapping[str, Any], clip_denoised: bool = True) -
       script): diffusers' ``learned_range`` / ``fixed_large`` (both the respaced beta_t, as ``SpacedDiffusion``);
     * ``clip_denoised``: x0 clipped to [-1, 1] (``clip_sample``), and DDIM re-derives eps from the clipped x0
       (``ddim_sample``: ``_predict_eps_from_xstart``) = ``step(use_clipped_model_output=True)``;
-    * timesteps: ``space_timesteps`` of :func:`adm_timesteps`.
+    * timesteps: ``space_timesteps`` of :func:`adm_timesteps`;
+    * classifier guidance as ``classifier_sample.py`` runs it (``cg_form="official"``: ``condition_mean`` after
+      ``p_mean_variance``'s clipping for DDPM, ``condition_score`` for DDIM; :mod:`sag.guidance.classifier`).
     """
     betas = adm_betas(f["diffusion_steps"], f["noise_schedule"])
     return {
@@ -316,6 +318,7 @@ def adm_sampling_conventions(f: Mapping[str, Any], clip_denoised: bool = True) -
         "step_options": {"use_clipped_model_output": True} if clip_denoised else {},
         "reference_timesteps": adm_timesteps,
         "exact_schedule": True,
+        "cg_form": "official",
     }
 
 
@@ -323,7 +326,8 @@ def adm_timesteps(scheduler: Any, steps: int) -> list[int] | None:
     """guided-diffusion's timesteps for ``steps`` iterations: ``timestep_respacing="ddim<steps>"`` for DDIM and
     ``"<steps>"`` for DDPM (the official README: DDIM ``ddim25``, DDPM ``250``); None (the scheduler's own
     spacing) for other schedulers and for DDIM step counts no integer stride gives (the official code refuses
-    them). Diffusers' DDIM only runs at stride T // N: equal to ``ddimN`` when N divides T."""
+    them). ``make_scheduler`` gives ADM DDIM as :class:`sag.schedulers.ListedDDIMScheduler`, which runs these
+    lists for any N (diffusers' own DDIM steps back by T // N: ``ddimN`` only when N divides T)."""
     num_train = int(scheduler.config.num_train_timesteps)
     if isinstance(scheduler, DDIMScheduler):
         try:

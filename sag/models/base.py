@@ -53,6 +53,10 @@ class DiffusionModel:
     step_options: dict[str, Any] = field(default_factory=dict)
     reference_timesteps: Callable[[Any, int], list[int] | None] | None = None
     exact_schedule: bool = False
+    # classifier guidance's default form (sag.guidance.classifier.CG_FORMS): "score" (eps - lambda sqrt(1 - ab)
+    # grad on the raw prediction, every sampler) or "official" (guided-diffusion: on the clipped x0; the
+    # posterior mean shifted by Sigma grad on DDPM steps, condition_score elsewhere).
+    cg_form: str = "score"
     # guided-diffusion architecture flags of an ADM checkpoint (sag.models.adm.adm_flags); None for other models.
     # SAG's map_heads="official" reads num_heads / use_new_attention_order from them.
     adm_flags: dict[str, Any] | None = None
