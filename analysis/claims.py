@@ -101,10 +101,14 @@ def _every_bin(judged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def overall(scopes: pd.DataFrame) -> str:
+def overall(scopes: pd.DataFrame, alpha: float = 0.05) -> str:
+    """The module docstring's rule over judged scopes (columns verdict, ci_high, p: the effect oriented so that
+    the claim says "> 0", p Holm-adjusted). "Significantly opposite" is :func:`verdict`'s own test (p < alpha
+    with the CI entirely below 0); a merely non-significant scope does not veto a majority of confirmed ones."""
     counts = scopes["verdict"].value_counts()
     half = len(scopes) / 2
-    if counts.get("confirmed", 0) > half and counts.get("not confirmed", 0) == 0:
+    opposite = bool(((scopes["p"] < alpha) & (scopes["ci_high"] < 0)).any())
+    if counts.get("confirmed", 0) > half and not opposite:
         return "confirmed"
     if counts.get("not confirmed", 0) > half:
         return "not confirmed"
@@ -137,6 +141,6 @@ def claims_table(stats: pd.DataFrame, *, alpha: float = 0.05, min_n: int = 10,
         n_min = int(with_data.min()) if len(with_data) else 0
         rows.append({**base, "scope": "overall", "n": n_min, "effect": judged["effect"].median(),
                      "ci_low": judged["ci_low"].median(), "ci_high": judged["ci_high"].median(),
-                     "p": judged["p"].median(), "verdict": overall(judged)})
+                     "p": judged["p"].median(), "verdict": overall(judged, alpha)})
     out = pd.DataFrame(rows)
     return validate(out, "claims")

@@ -165,3 +165,18 @@ def test_overall_n_ignores_scopes_without_data():
     b = claims[claims.claim_id == claims.iloc[0].claim_id]
     assert (b[b.scope == "scope"].n == 0).any()
     assert b[b.scope == "overall"].n.item() == 12
+
+
+def test_overall_majority_is_not_vetoed_by_a_non_significant_scope():
+    """Three confirmed scopes and one merely non-significant one (the reported reproduction): the docstring's
+    rule says confirmed; a significantly opposite scope does veto it."""
+    from analysis.claims import overall, verdict
+
+    rows = [(0.1, 0.5, 0.001)] * 3 + [(0.2, 1.7, 0.062)]
+    judged = pd.DataFrame([{"ci_low": a, "ci_high": b, "p": p, "verdict": verdict(a, b, p, 64, 0.05, 10)}
+                           for a, b, p in rows])
+    assert list(judged.verdict) == ["confirmed"] * 3 + ["not confirmed"]
+    assert overall(judged, 0.05) == "confirmed"
+    opposite = pd.concat([judged.iloc[:3], pd.DataFrame([{"ci_low": -0.9, "ci_high": -0.2, "p": 0.001,
+                                                           "verdict": "not confirmed"}])])
+    assert overall(opposite, 0.05) == "inconclusive"
