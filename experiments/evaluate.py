@@ -18,7 +18,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from experiments.common import run_sweep
+from experiments.sweeps import run_sweep
 from sag.sweep import quality_settings
 
 SETTINGS_KEYS = ("sag_scales", "blur_scales", "combos", "combo_sag_scale", "cfg_scale", "cg_scale")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from experiments.common import run_sweep
+from experiments.sweeps import run_sweep
 from sag.sweep import frontier_settings
 
 SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every")

@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from analysis.schemas import TABLES
 from analysis.tables import read_table
 from experiments import evaluate, frontier
-from experiments.common import plain, prepare_sweep, select
+from experiments.common import plain, select
+from experiments.sweeps import prepare_sweep
 from sag.errors import SagConfigError
 from sag.guidance import ModelCall
 from sag.models import load_model

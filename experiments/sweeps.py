@@ -1,0 +1,52 @@
+"""The glue of the two sweep commands (experiments.evaluate, experiments.frontier): config -> :mod:`sag.sweep`
+-> ``tables/<table>``. Kept apart from :mod:`experiments.common` so that the other commands do not load the
+evaluators (torchmetrics) and the table code at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from analysis.schemas import validate
+from analysis.tables import format_metric_table, write_table
+from experiments.common import build_model, build_scheduler, conditions, plain, run_inputs, select, user_errors
+from sag import sweep
+
+
+def prepare_sweep(cfg: DictConfig) -> sweep.Sweep:
+    """Validated inputs, model, scheduler, labels, evaluator and reference features (before any sampling)."""
+    run = run_inputs(cfg)
+    metrics = sweep.MetricOptions(**select(cfg.metrics, "k", "draws", "draws_fd", "seed", "alpha"))
+    sweep.check_inputs(run, metrics, cfg.seeds, cfg.get("inception_weights"))
+    model = build_model(cfg)
+    scheduler = build_scheduler(cfg, model)
+    sweep.check_images(model, run.size)
+    cond = conditions(cfg, model, run)
+    labels = cond if model.conditioning == "class" else None  # scored by class accuracy
+    scorer = sweep.Scorer.load(evaluator=cfg.get("evaluator"), reference_seed=cfg.reference_seed, metrics=metrics,
+                               reference_count=cfg.reference_count or len(run.seeds), labels=labels,
+                               inception_weights=cfg.get("inception_weights"))
+    return sweep.Sweep(run, model, scheduler, cond, scorer)
+
+
+def run_sweep(cfg: DictConfig, make_settings, keys: tuple[str, ...], table: str, what: str) -> pd.DataFrame:
+    """evaluate / frontier: validate, build ``make_settings(**cfg[keys])``, then sample and score every setting
+    (:mod:`sag.sweep`) into the Hydra run dir and write ``tables/<table>``."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        prep = prepare_sweep(cfg)
+        settings = make_settings(**select(cfg, *keys), conditional=prep.model.conditioning == "class")
+        print(f"{what}: {len(settings)} settings x {len(prep.run.seeds)} paired seeds on {prep.model.name} "
+              f"({prep.run.steps} steps) -> {out}")
+        fns = sweep.build_settings(prep.model, settings, prep.run.size, sag=plain(cfg.sag),
+                                   classifier_dir=cfg.get("classifier"))
+        df = sweep.evaluate_settings(prep, out, settings, fns, progress=cfg.progress)
+        path = write_table(validate(df, table), out, table)
+    if cfg.get("inception_weights") is None:
+        print("inception_weights=null: standard Inception FID/IS skipped (point it to a local weights file)")
+    print(format_metric_table(df, ["guidance", "window", "scale", "calls_per_image"]))
+    print(f"table: {path}\nsamples: {out / 'settings'}/<setting>/samples")
+    return df
