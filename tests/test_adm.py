@@ -49,13 +49,7 @@ PLAIN = dict(image_size=32, num_channels=32, channel_mult=(1, 2), num_res_blocks
 FLAGS = {"cond": COND, "uncond": UNCOND, "plain": PLAIN}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets: one thread is ~10x faster than two on the shared CPU (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=sorted(FLAGS))

@@ -46,13 +46,7 @@ ATOL = {torch.float32: 1e-4, torch.float64: 1e-8}
 ATOL_30_STEPS = {torch.float32: 2e-4, torch.float64: 1e-8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets: one thread is faster than two on the shared CPU (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _random_checkpoints(tmp_path_factory, eps_bias_scale):

@@ -7,19 +7,11 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from analysis.schemas import TABLES
 from benchmarks import common, cost, pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def read_bench(out):

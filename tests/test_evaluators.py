@@ -31,13 +31,7 @@ TINY = {"classifier": {"widths": [8, 16, 16], "feature_dim": 16, "groups": 4},
         "segmenter": {"widths": [8, 16, 16], "groups": 4}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread (the machine is shared with long training runs), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _build(kind: str):

@@ -30,13 +30,7 @@ DDPM_SETTINGS = {"steps_offset": 1, "variance_type": "fixed_large", "clip_sample
 DDIM_SETTINGS = {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False}  # [leading, T, T]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_unet():

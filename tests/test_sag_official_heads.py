@@ -90,13 +90,7 @@ def official_guided_eps(ref, block, num_heads, x, t, guide_scale, blur_sigma):
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets: one thread is faster than two on the shared CPU (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=sorted(FLAGS))
