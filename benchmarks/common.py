@@ -15,7 +15,9 @@ from analysis.tables import write_table
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The benchmarks live next to conf/ (an editable install or a checkout): the per-model SAG settings are read there.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GUIDANCE_KEYS = ("layers", "psi", "kernel_size", "blur_sigma", "sag_scale", "cfg_scale", "cg_scale")
+GUIDANCE_KEYS = ("layers", "psi", "kernel_size", "blur_sigma", "sag_scale", "cfg_scale", "cg_scale", "pag_scale",
+                 "pag_layers", "seg_scale", "seg_layers", "seg_blur_sigma", "slg_scale", "slg_layers", "apg_eta",
+                 "apg_norm_threshold", "apg_momentum")
 
 
 def model_guidance(name: str, conf_dir: str | Path = CONF_DIR) -> dict:
@@ -32,6 +34,17 @@ def model_guidance(name: str, conf_dir: str | Path = CONF_DIR) -> dict:
         base, own = compose(config_name="_base"), compose(config_name=name)
     cfg = OmegaConf.to_container(OmegaConf.merge(base, own), resolve=True)
     return {k: cfg[k] for k in GUIDANCE_KEYS if k in cfg}
+
+
+def bench_cond(model, n: int, device) -> torch.Tensor | None:
+    """A benchmark's condition for ``n`` images: class labels 0..n-1 modulo the classes, a seeded random (n, 77, 768)
+    text embedding (SDXL: the packed null_text shape), or None for an unconditional model."""
+    if model.conditioning == "class":
+        return torch.arange(n, device=device) % model.num_classes
+    if model.conditioning == "text":
+        shape = model.null_text.shape[1:]
+        return torch.randn(n, *shape, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
+    return None
 
 
 def timed(fn, device: torch.device) -> tuple[float, float]:

@@ -23,6 +23,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # the same UNet on 32x32 latents: capture overhead at a 32x32 token grid
 "$py" -m benchmarks.cost --preset sd15 --latent 32 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 \
   --benchmarks capture --out "$out"
+# SDXL base UNet (2.6B, random weights), fp16, 4x128x128 latents (1024 px), SAG on the first mid-block attn1
+"$py" -m benchmarks.cost --preset sdxl --latent 128 --device cuda --dtype float16 --steps 10 --batch 2 --repeats 3 \
+  --benchmarks guidance --out "$out"
 # ADM ImageNet-128 conditional architecture (421.5M, random weights), fp16, SAG at output_blocks[8] (32x32)
 "$py" -m benchmarks.cost --preset adm128 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 --out "$out"
 # the embedded model (shipped weights), fp32, batch 64

@@ -32,8 +32,11 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def select_layers(net: nn.Module, patterns: str | Iterable[str], include_cross: bool = False) -> list[str]:
-    """Names of the attention layers matched by any pattern; every pattern must match at least one."""
+def select_layers(net: nn.Module, patterns: str | Iterable[str], include_cross: bool = False,
+                  cross_key: str | None = "include_cross") -> list[str]:
+    """Names of the attention layers matched by any pattern; every pattern must match at least one.
+    ``cross_key``: the setting that also selects cross-attention layers, named when a pattern matches only those
+    (the caller's config key, e.g. ``capture.include_cross``; None where there is no such setting)."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise SagConfigError("no layer pattern given; accepted: glob or 're:<regex>' patterns, '*' for all")
@@ -50,9 +53,9 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str], include_cross: 
         if not hits:
             cross_hits = [n for n in everything if _matches(p, n)]
             if cross_hits:
+                use = f"set {cross_key}=true to capture them" if cross_key else "accepted: self-attention layers"
                 raise SagConfigError(
-                    f"layer pattern {p!r} matches only cross-attention layers ({cross_hits[0]}, ...); "
-                    "set include_cross=true to capture them"
+                    f"layer pattern {p!r} matches only cross-attention layers ({cross_hits[0]}, ...); {use}"
                 )
             avail = ", ".join(pool) or "(none)"
             raise SagConfigError(f"layer pattern {p!r} matches no attention layer; available: {avail}")

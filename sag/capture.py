@@ -2,14 +2,12 @@
 
 ``capture_attention(net, layers, reductions)`` swaps a :class:`RecordingProcessor` onto the selected
 ``Attention`` modules only and restores the original processors in ``finally``. The recording processor
-computes q, k, v exactly as diffusers' ``AttnProcessor2_0`` and produces the layer output with the same
-``scaled_dot_product_attention`` call, so outputs are bit-identical to an uncaptured forward; the
-attention probabilities are computed explicitly (softmax(q k^T / sqrt(d))) only for the recording and
-reduced on the fly. The query grid (h, w) is read from the real hidden-state shape: from the 4-D input
-of the layer itself, or from the nearest enclosing module whose (B, C, H, W) input holds the tokens.
-
-``map_heads=n`` records the official SAG map instead of the layer's own heads (see :func:`regrouped_probs`);
-the layer output is unchanged.
+computes q, k, v exactly as diffusers' ``AttnProcessor2_0`` and the layer output with the kernel its SDPA call
+runs, so outputs are bit-identical to an uncaptured forward; the maps are reduced on the fly, in query chunks of
+bounded memory (:mod:`sag.reductions`), from the kernel's row log-sum-exp where it returns one, else from an explicit
+softmax(q k^T / sqrt(d)). The query grid (h, w) is read from the real hidden-state shape: from the 4-D input of the
+layer itself, or from the nearest enclosing module whose (B, C, H, W) input holds the tokens.
+``map_heads=n`` records the official SAG map instead of the layer's own heads (see :func:`regrouped_probs`).
 """
 
 from __future__ import annotations
@@ -25,16 +23,25 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
 from sag.attention import select_layers
+from sag.capture_joint import JOINT_PROCESSORS, JointRecordingProcessor, recording_processor
 from sag.errors import SagConfigError
+from sag.reductions import (
+    DEFAULT_CHUNK_BYTES,
+    LSE_REDUCTIONS,
+    REDUCTIONS,
+    ChunkedReduction,
+    Workspace,
+    attention_with_lse,
+    query_chunk,
+    reduce_from_lse,
+    reduce_probs,
+)
+from sag.regroup import QKV_LAYOUTS, check_map_heads, regrouped_probs, regrouped_qk
 
-# full: (b, heads, q, k) | head_mean: (b, q, k) | received: (b, h, w) attention mass each key receives,
-# summed over queries after the head mean (the quantity SAG thresholds; its mean over keys is exactly 1)
-# | query_subsample: (b, h', w', k) head-mean rows of every stride-th query in each grid direction
-# | row_entropy: (b, h, w) entropy of each query's attention row, head mean.
-REDUCTIONS = ("full", "head_mean", "received", "query_subsample", "row_entropy")
+__all__ = ["QKV_LAYOUTS", "REDUCTIONS", "AttentionRecord", "AttentionStore", "CaptureSpec", "capture_attention",
+           "check_map_heads", "reduce_probs", "regrouped_probs"]
+
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-# guided-diffusion's qkv channel orders: QKVAttentionLegacy (per head [q, k, v]) and QKVAttention ([Q, K, V]).
-QKV_LAYOUTS = ("legacy", "new")
 
 
 @dataclass
@@ -48,6 +55,8 @@ class CaptureSpec:
     dtype: str = "float32"  # storage dtype of records
     record_x0: bool = True  # also store the x0 estimate of every step
     exact: bool = True  # layer outputs bit-identical to uncaptured runs (see RecordingProcessor)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory budget of one chunk of probabilities (sag.reductions)
+    lse_maps: bool = False  # True: maps from the attention kernel's log-sum-exp where it gives one (faster)
 
     def __post_init__(self) -> None:
         self.layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
@@ -59,6 +68,15 @@ class CaptureSpec:
             raise SagConfigError(f"capture query_stride={self.query_stride}; accepted: an integer >= 1")
         if self.dtype not in STORAGE_DTYPES:
             raise SagConfigError(f"capture dtype {self.dtype!r}; accepted: {list(STORAGE_DTYPES)}")
+        check_chunk_bytes(self.chunk_bytes)
+
+
+def check_chunk_bytes(chunk_bytes) -> int:
+    """``chunk_bytes`` as an int; a one-line SagConfigError unless it is a positive integer (bytes)."""
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise SagConfigError(f"capture chunk_bytes={chunk_bytes!r}; accepted: a positive integer number of bytes "
+                             f"(default {DEFAULT_CHUNK_BYTES} = 128 MiB)")
+    return chunk_bytes
 
 
 @dataclass
@@ -95,76 +113,7 @@ class _Sink:
     query_stride: int
     map_heads: int | None = None  # None: the layer's own heads; n: regrouped_probs with n pseudo-heads
     qkv_layout: str = "legacy"
-
-
-def regrouped_probs(query: Tensor, key: Tensor, value: Tensor, heads: int, map_heads: int,
-                    qkv_layout: str = "legacy") -> Tensor:
-    """The official SAG code's attention probabilities (b, map_heads, T, T) from a layer's q, k, v (b, T, C).
-
-    The official code (KU-CVLAB/Self-Attention-Guidance, ``guided_diffusion/unet.py``: ``save_input_hook`` stores
-    the ``qkv`` conv output of the selected ``AttentionBlock``; ``attention_from_qkv(qkv, self.num_heads)``) splits
-    that (b, 3C, T) tensor with the MODEL-level ``num_heads`` flag as QKVAttentionLegacy does: n groups of 3C/n
-    channels, each read as [q', k', v'] of C/n channels, softmax(q'^T k' / sqrt(C/n)). Where the layer was built
-    with ``num_head_channels`` (the 256-px and LSUN models: C/64 true heads, num_heads = 4) the groups are not the
-    layer's heads, and q', k' mix q, k and v channels of several true heads. ``heads`` is the layer's true head
-    count (to rebuild the conv's channel order from to_q/to_k/to_v, see ``sag.models.adm_weights``);
-    ``qkv_layout`` that order ("legacy": per head [q, k, v]; "new": [Q, K, V], read with the same legacy split).
-    """
-    b, tokens, c = query.shape
-    if qkv_layout == "legacy":  # conv channel = head * 3d + {q, k, v} * d + i
-        qkv = torch.stack([z.reshape(b, tokens, heads, c // heads) for z in (query, key, value)], dim=3)
-    else:  # conv channel = {q, k, v} * C + i
-        qkv = torch.stack([query, key, value], dim=2)
-    ch = c // map_heads
-    qkv = qkv.float().reshape(b, tokens, map_heads, 3, ch)
-    scale = 1 / math.sqrt(math.sqrt(ch))  # as attention_from_qkv: q and k each scaled by ch^-1/4
-    q = qkv[..., 0, :].transpose(1, 2) * scale  # (b, n, T, ch)
-    k = qkv[..., 1, :].transpose(1, 2) * scale
-    return torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
-
-
-def check_map_heads(net: nn.Module, names: Iterable[str], map_heads: int | None) -> None:
-    """Refuse (:class:`SagConfigError`) a ``map_heads`` that :func:`regrouped_probs` cannot apply to a layer."""
-    if map_heads is None:
-        return
-    if isinstance(map_heads, bool) or not isinstance(map_heads, int) or map_heads < 1:
-        raise SagConfigError(f"map_heads={map_heads!r}; accepted: a positive integer head count")
-    for n in names:
-        m = net.get_submodule(n)
-        widths = {m.to_q.out_features, m.to_k.out_features, m.to_v.out_features}
-        if m.is_cross_attention or len(widths) != 1 or m.norm_q is not None or m.norm_k is not None:
-            raise SagConfigError(f"map_heads={map_heads} regroups a guided-diffusion qkv; layer {n!r} is not a "
-                                 "plain self-attention with equal q/k/v widths")
-        c = widths.pop()
-        if c % map_heads:
-            raise SagConfigError(f"map_heads={map_heads} does not divide the {c} channels of layer {n!r}; "
-                                 "accepted: a divisor of every selected layer's channels")
-
-
-def reduce_probs(probs: Tensor, grid: tuple[int, int], cross: bool, reductions: Iterable[str], stride: int):
-    """Apply the named reductions to ``probs`` (b, heads, q, k) float32."""
-    b, _, q, k = probs.shape
-    h, w = grid
-    out: dict[str, Tensor] = {}
-    mean = None
-    for r in reductions:
-        if r == "full":
-            out[r] = probs.clone()
-            continue
-        if r == "row_entropy":
-            ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)
-            out[r] = ent.reshape(b, h, w)
-            continue
-        if mean is None:
-            mean = probs.mean(1)
-        if r == "head_mean":
-            out[r] = mean
-        elif r == "received":
-            rec = mean.sum(1)
-            out[r] = rec if cross else rec.reshape(b, h, w)
-        elif r == "query_subsample":
-            out[r] = mean.reshape(b, h, w, k)[:, ::stride, ::stride].contiguous()
-    return out
+    rows: int | None = None  # record the first `rows` images of each call only (None: all)
 
 
 class GridTracker:
@@ -215,42 +164,106 @@ class GridTracker:
 
 
 class RecordingProcessor:
-    """``AttnProcessor2_0`` plus an explicit softmax for recording (see module docstring).
+    """``AttnProcessor2_0`` plus the recording of attention maps (see module docstring).
 
-    ``exact=True`` computes the layer output with the same SDPA call as ``AttnProcessor2_0`` (bit-identical
-    outputs, one extra softmax per captured layer); ``exact=False`` multiplies the recorded probabilities
-    with v instead (no second attention, outputs equal up to float rounding, ~1e-6).
+    ``exact=True`` computes the layer output with the kernel ``AttnProcessor2_0``'s SDPA call runs (bit-identical
+    outputs, so captured samples equal uncaptured ones). Where that kernel also returns the row log-sum-exp
+    (:func:`sag.reductions.attention_with_lse`: PyTorch's CPU flash kernel) and ``lse_maps`` is on, the maps come
+    from it: received and row_entropy by two more fused passes without any (q, k) tensor
+    (:func:`sag.reductions.reduce_from_lse`), the other reductions from exp(q k^T / sqrt(d) - lse), one pass fewer
+    than a softmax; all equal to the explicit softmax's up to float32 rounding (~1e-6). Otherwise (``lse_maps``
+    off, or another kernel) the probabilities are an explicit softmax, bit-identical to the whole-tensor softmax
+    where one chunk covers the layer. ``exact=False`` uses the log-sum-exp wherever the kernel gives it, and
+    elsewhere one explicit attention for both the maps and the output (probs @ v, equal to SDPA's up to float
+    rounding, ~1e-6). Probabilities are formed in query chunks of at most ``chunk_bytes`` (:mod:`sag.reductions`)
+    in the buffers of ``workspace``.
     """
 
-    def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, exact: bool = True):
-        self.name, self.sinks, self.tracker, self.exact = name, sinks, tracker, exact
+    def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, exact: bool = True,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workspace: Workspace | None = None, lse_maps: bool = False):
+        self.name, self.sinks, self.tracker, self.exact, self.lse_maps = name, sinks, tracker, exact, lse_maps
+        self.chunk_bytes, self.workspace = chunk_bytes, workspace if workspace is not None else Workspace()
+
+    def _own_probs(self, query: Tensor, key: Tensor, mask: Tensor | None, lse: Tensor | None):
+        """(heads, f) with f(q0, q1) -> the layer's probabilities (rows, heads, q1 - q0, k) of queries q0..q1-1,
+        written into the workspace. q, k: (rows, heads, tokens, d); ``lse`` (rows, heads, q) or None."""
+        rows, heads, n_q, d = query.shape
+        n_k, ws = key.shape[2], self.workspace
+        # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
+        q, kt = query.float() * d**-0.5, key.float().transpose(-1, -2)
+        if lse is not None:  # exp(s - lse): rows of softmax(s) without its max and sum passes
+            q3, k3 = q.reshape(rows * heads, n_q, d), kt.reshape(rows * heads, d, n_k)
+            neg = lse.reshape(rows * heads, n_q, 1).neg()
+
+            def from_lse(q0: int, q1: int) -> Tensor:
+                buf = ws.get("own", (rows * heads, q1 - q0, n_k), q.device)
+                return torch.baddbmm(neg[:, q0:q1], q3[:, q0:q1], k3, out=buf).exp_().view(rows, heads, -1, n_k)
+            return heads, from_lse
+        mask = None if mask is None else mask[:rows].float()
+
+        def by_softmax(q0: int, q1: int) -> Tensor:
+            s = torch.matmul(q[:, :, q0:q1], kt, out=ws.get("own", (rows, heads, q1 - q0, n_k), q.device))
+            if mask is not None:
+                s.add_(mask if mask.shape[-2] == 1 else mask[:, :, q0:q1])
+            return torch._softmax(s, -1, False, out=s)  # in place: the same kernel as .softmax(-1)
+        return heads, by_softmax
+
+    def _regrouped_probs(self, qkv: tuple[Tensor, Tensor, Tensor], rows: int, heads: int, how: tuple[int, str]):
+        """(map_heads, f) with f(q0, q1) -> :func:`regrouped_probs` rows q0..q1-1 of the first ``rows`` images."""
+        q, k = regrouped_qk(*(z[:rows] for z in qkv), heads, *how)
+        kt, ws = k.transpose(-1, -2), self.workspace
+
+        def make(q0: int, q1: int) -> Tensor:
+            s = torch.matmul(q[:, :, q0:q1], kt, out=ws.get(how, (rows, how[0], q1 - q0, kt.shape[-1]), q.device))
+            return torch._softmax(s, -1, False, out=s)
+        return how[0], make
 
     @torch.no_grad()
-    def _record(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                grid: tuple[int, int], cross: bool, qkv: tuple[Tensor, Tensor, Tensor]) -> Tensor | None:
-        """Record softmax(q k^T / sqrt(d) + mask), the probabilities SDPA computes internally (its default scale),
-        into every sink (a sink with ``map_heads`` gets :func:`regrouped_probs` of ``qkv``, the (b, tokens, C)
-        projections). Returns probs @ v when ``exact`` is off (cheaper, equal to SDPA up to float rounding),
-        else None. q, k, v: (b, heads, tokens, d)."""
-        probs = None
-        if not self.exact or any(s.map_heads is None for s in self.sinks):
-            head_dim = query.shape[-1]
-            # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
-            scores = torch.matmul(query.float() * head_dim**-0.5, key.float().transpose(-1, -2))
-            if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            probs = scores.softmax(-1)
-        regrouped: dict[tuple[int, str], Tensor] = {}
-        for sink in self.sinks:
-            p = probs
-            if sink.map_heads is not None:
-                how = (sink.map_heads, sink.qkv_layout)
-                if how not in regrouped:
-                    regrouped[how] = regrouped_probs(*qkv, query.shape[1], *how)
-                p = regrouped[how]
-            data = reduce_probs(p, grid, cross, sink.reductions, sink.query_stride)
-            sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, data))
-        return None if self.exact else torch.matmul(probs.to(value.dtype), value)
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                grid: tuple[int, int], cross: bool, qkv: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """The layer's attention output (b, heads, q, d), recording softmax(q k^T / sqrt(d) + mask) (the
+        probabilities SDPA computes internally, its default scale) of the first ``rows`` images each sink asks
+        for into every sink, chunk by chunk over the queries (a sink with ``map_heads`` gets
+        :func:`regrouped_probs` of ``qkv``, the (b, tokens, C) projections). q, k, v: (b, heads, tokens, d)."""
+        b, heads, n_q, _ = query.shape
+        rows = max(b if s.rows is None else min(s.rows, b) for s in self.sinks)
+        use_lse = self.lse_maps or not self.exact
+        out, lse = attention_with_lse(query, key, value, attention_mask) if use_lse else (None, None)
+        explicit = out is None and not self.exact and rows == b  # the output from the recorded probabilities
+        if out is None and not explicit:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False)
+        sinks = self.sinks
+        if lse is not None:  # received / row_entropy of the layer's heads by fused passes, no (q, k) tensor at all
+            fused = [s for s in sinks if s.map_heads is None and set(s.reductions) <= set(LSE_REDUCTIONS)]
+            for s in fused:
+                n = b if s.rows is None else min(s.rows, b)
+                data = reduce_from_lse(query[:n], key[:n], lse[:n], grid, cross, s.reductions)
+                s.store.records.append(AttentionRecord(self.name, s.store.call, grid, cross, data))
+            sinks = [s for s in sinks if s not in fused]
+            if not sinks:
+                return out
+        makers = {}
+        if explicit or any(s.map_heads is None for s in sinks):
+            makers[None] = self._own_probs(query[:rows], key[:rows], attention_mask,
+                                           None if lse is None else lse[:rows])
+        for how in {(s.map_heads, s.qkv_layout) for s in sinks if s.map_heads is not None}:
+            makers[how] = self._regrouped_probs(qkv, rows, heads, how)
+        # every maker's chunk lives at once (one workspace slot each): the budget covers their sum, float32
+        chunk = query_chunk(rows * key.shape[2] * 4 * sum(n for n, _ in makers.values()), n_q, self.chunk_bytes)
+        reducers = [ChunkedReduction(s.reductions, grid, cross, s.query_stride) for s in sinks]
+        outs = []
+        for q0 in range(0, n_q, chunk):
+            q1 = min(n_q, q0 + chunk)
+            probs = {how: make(q0, q1) for how, (_, make) in makers.items()}
+            if explicit:
+                outs.append(torch.matmul(probs[None].to(value.dtype), value))
+            for sink, red in zip(sinks, reducers, strict=True):
+                p = probs[None if sink.map_heads is None else (sink.map_heads, sink.qkv_layout)]
+                red.add(p if sink.rows is None or sink.rows >= rows else p[:sink.rows], q0)
+        for sink, red in zip(sinks, reducers, strict=True):
+            sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, red.result()))
+        return torch.cat(outs, 2) if explicit else out
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
@@ -290,15 +303,9 @@ class RecordingProcessor:
             key = attn.norm_k(key)
 
         grid = (height, width) if input_ndim == 4 else self.tracker.resolve(self.name, query.shape[2])
-        reused = self._record(query, key, value, attention_mask, grid, cross, qkv)
+        hidden_states = self._attend(query, key, value, attention_mask, grid, cross, qkv)
 
         # --- identical to diffusers AttnProcessor2_0 ---
-        if reused is not None:  # exact=False: the output from the recorded probabilities
-            hidden_states = reused
-        else:
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-            )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -308,6 +315,29 @@ class RecordingProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _check_args(reductions: tuple[str, ...], query_stride: int, chunk_bytes: int, rows: int | None,
+                qkv_layout: str) -> None:
+    """One-line SagConfigErrors for :func:`capture_attention`'s arguments."""
+    CaptureSpec(layers=["*"], reductions=list(reductions), query_stride=query_stride, chunk_bytes=chunk_bytes)
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise SagConfigError(f"capture rows={rows!r}; accepted: a positive number of images or None (all)")
+    if qkv_layout not in QKV_LAYOUTS:
+        raise SagConfigError(f"qkv_layout={qkv_layout!r}; accepted: {list(QKV_LAYOUTS)}")
+
+
+def _layer_names(net: nn.Module, layers: str | Iterable[str], include_cross: bool) -> list[str]:
+    """:func:`sag.attention.select_layers`, without its walk of the module tree when every pattern is the exact name
+    of a selectable layer (SAG passes its resolved names on every guided step)."""
+    pats = [layers] if isinstance(layers, str) else list(layers)
+    try:
+        mods = [net.get_submodule(p) for p in pats]
+    except AttributeError:  # a glob, a regex or a missing name
+        return select_layers(net, layers, include_cross)
+    if pats and all(isinstance(m, Attention) and (include_cross or not m.is_cross_attention) for m in mods):
+        return list(dict.fromkeys(pats))
+    return select_layers(net, layers, include_cross)
 
 
 @contextmanager
@@ -321,6 +351,9 @@ def capture_attention(
     exact: bool = True,
     map_heads: int | None = None,
     qkv_layout: str = "legacy",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    rows: int | None = None,
+    lse_maps: bool = False,
 ) -> Iterator[AttentionStore]:
     """Record the attention of the layers matching ``layers`` while the block runs.
 
@@ -328,33 +361,36 @@ def capture_attention(
     ...     unet(x, t)
     ...     maps = store.pop()   # one AttentionRecord per layer and call
 
-    ``exact`` is explained in :class:`RecordingProcessor`. ``map_heads=n`` records the official SAG code's
-    n pseudo-head probabilities (:func:`regrouped_probs`, ``qkv_layout`` one of ``QKV_LAYOUTS``) instead of
-    the layer's own heads; the layer output stays the layer's own attention.
+    ``exact`` and ``lse_maps`` (True: maps from the kernel's log-sum-exp, faster; False: explicit softmax, the maps
+    of earlier versions bit for bit): :class:`RecordingProcessor`. ``map_heads=n`` records the official SAG code's
+    n pseudo-head probabilities (:func:`regrouped_probs`, ``qkv_layout`` in ``QKV_LAYOUTS``) instead of the layer's
+    heads; the output stays the layer's own. ``chunk_bytes`` bounds one chunk of probabilities (float32 bytes,
+    :mod:`sag.reductions`). ``rows=n`` records the first n images of every call only (SAG under CFG).
     """
     reductions = tuple(reductions)
-    CaptureSpec(layers=["*"], reductions=list(reductions), query_stride=query_stride)  # validates
-    if qkv_layout not in QKV_LAYOUTS:
-        raise SagConfigError(f"qkv_layout={qkv_layout!r}; accepted: {list(QKV_LAYOUTS)}")
-    names = select_layers(net, layers, include_cross)
+    _check_args(reductions, query_stride, chunk_bytes, rows, qkv_layout)
+    names = _layer_names(net, layers, include_cross)
     check_map_heads(net, names, map_heads)
     modules = {n: net.get_submodule(n) for n in names}  # by path: no second walk of the tree (every step)
     for n in names:
         proc = modules[n].processor
-        if not isinstance(proc, AttnProcessor2_0 | RecordingProcessor):
+        if not isinstance(proc, (AttnProcessor2_0, RecordingProcessor, JointRecordingProcessor, *JOINT_PROCESSORS)):
             raise SagConfigError(f"layer {n!r} uses {type(proc).__name__}; capture supports layers running "
-                                 "diffusers' default AttnProcessor2_0")
+                                 "diffusers' default AttnProcessor2_0 or JointAttnProcessor2_0 (SD3)")
     store = store if store is not None else AttentionStore()
     originals: dict[str, object] = {}
-    tracker = GridTracker(net, names)
+    tracker, workspace = GridTracker(net, names), Workspace()  # one chunk buffer for all layers
     call_hook = net.register_forward_pre_hook(lambda *_: store.begin_call())
     try:
         for n in names:
             orig = modules[n].processor
-            sinks = list(orig.sinks) if isinstance(orig, RecordingProcessor) else []
-            sinks.append(_Sink(store, reductions, int(query_stride), map_heads, qkv_layout))
+            sinks = list(orig.sinks) if isinstance(orig, RecordingProcessor | JointRecordingProcessor) else []
+            sinks.append(_Sink(store, reductions, int(query_stride), map_heads, qkv_layout, rows))
             originals[n] = orig
-            modules[n].set_processor(RecordingProcessor(n, sinks, tracker, exact and getattr(orig, "exact", True)))
+            budget = min(chunk_bytes, getattr(orig, "chunk_bytes", chunk_bytes))
+            modes = (exact and getattr(orig, "exact", True), lse_maps and getattr(orig, "lse_maps", True))
+            rec = RecordingProcessor(n, sinks, tracker, modes[0], budget, workspace, modes[1])
+            modules[n].set_processor(recording_processor(orig, rec))  # joint layers: sag.capture_joint
         yield store
     finally:
         for n, orig in originals.items():

@@ -19,18 +19,33 @@ scalar or a (b,) tensor.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from sag.attention import select_layers
 from sag.capture import AttentionStore, capture_attention, check_map_heads
-from sag.errors import SagConfigError
+from sag.errors import SagConfigError, SagConfigWarning
 from sag.guidance.base import Guidance, Window, batch_t, check_scale
 from sag.guidance.cfg import require_cond, uncond_cond_batch
 from sag.guidance.functions import attention_mask, cfg_combine, degrade, sag_cfg_combine, sag_combine, union_masks
 from sag.models.base import DiffusionModel
 
 MASKS = ("attention", "global")
+
+
+def warn_noop_settings(scale: float, kernel_size: int) -> None:
+    """One-line :class:`SagConfigWarning`s for settings SAG / blur guidance runs but cannot use as named: a negative
+    scale s (anti-guidance: Eq. 16 with s < 0 moves eps towards eps(x_bar_t), the blurred input's prediction;
+    allowed, as a deliberate ablation) and ``kernel_size=1`` (the Gaussian blur is the identity, x_bar_t = x_t up
+    to rounding, so eps(x_bar_t) = eps(x_t) and every guided step costs a second model call for nothing)."""
+    if scale < 0:
+        warnings.warn(f"sag_scale={scale} < 0 is anti-guidance (eps - |s| (eps - eps(x_bar))); accepted as is, "
+                      "0 turns SAG off, s > 0 guides", SagConfigWarning, stacklevel=3)
+    if kernel_size == 1:
+        warnings.warn("kernel_size=1 makes the blur the identity, so SAG / blur guidance is a no-op that still costs "
+                      "a model call per step; accepted: an odd kernel_size >= 3", SagConfigWarning, stacklevel=3)
 MAP_HEADS = ("layer", "official")  # or a positive integer: the official grouping with that many pseudo-heads
 
 
@@ -93,7 +108,9 @@ class SelfAttentionGuidance(Guidance):
             raise SagConfigError(f"kernel_size={kernel_size}; accepted: an odd positive integer")
         self.kernel_size = int(kernel_size)
         self.mask = mask
-        self.layers = select_layers(model.net, layers) if mask == "attention" else []
+        self._warned_psi = False
+        warn_noop_settings(self.scale, self.kernel_size)
+        self.layers = select_layers(model.net, layers, cross_key=None) if mask == "attention" else []
         self.map_heads, self.qkv_layout = resolve_map_heads(model, map_heads) if self.layers else (None, "legacy")
         check_map_heads(model.net, self.layers, self.map_heads)
         if self.cfg_scale != 0:
@@ -122,10 +139,13 @@ class SelfAttentionGuidance(Guidance):
         xx, tt, cc = uncond_cond_batch(self.model, x, t, cond) if use_cfg else (x, t, cond)
         # 1. first pass, capturing attention of the selected layers
         if self.mask == "attention":
-            with capture_attention(self.model.net, self.layers, ["received"], store=self.store,
+            # rows=b: under CFG only the unconditional half's map is used (Eq. 25), the rest is not computed;
+            # lse_maps off (explicit softmax): masks (received > psi) bit-identical to earlier runs
+            with capture_attention(self.model.net, self.layers, ["received"], store=self.store, rows=b,
                                    map_heads=self.map_heads, qkv_layout=self.qkv_layout):
                 out = self.inner(xx, tt, cc)
             records = [r for r in self.store.pop() if r.call == 0]
+            self._warn_empty_mask(records)
         else:
             out, records = self.inner(xx, tt, cc), []
         eps, var = self.to_eps(out, xx, tt)
@@ -138,8 +158,9 @@ class SelfAttentionGuidance(Guidance):
         else:
             mask = torch.ones(b, 1, *size, dtype=x.dtype, device=x.device)
         # 3-4. degraded input
-        x_bar = degrade(self.x0(eps_u, x, t), eps_u, mask, t, self.model.schedule, self.kernel_size,
-                        self.blur_sigma)
+        sched = self.model.schedule  # the noise of x_t is eps itself in VP guidance space, from v for flow models
+        noise = eps_u if sched.guidance_type == "epsilon" else sched.to_eps(eps_u, x, t, sched.guidance_type)
+        x_bar = degrade(self.x0(eps_u, x, t), noise, mask, t, sched, self.kernel_size, self.blur_sigma)
         # 5. second pass (unconditional under CFG, else the same condition)
         deg_cond = cc[:b] if use_cfg else cond
         eps_deg, _ = self.to_eps(self.inner(x_bar, t, deg_cond), x_bar, t)
@@ -150,6 +171,18 @@ class SelfAttentionGuidance(Guidance):
         else:
             guided = sag_combine(eps_u, eps_deg, self.scale)
         return self.from_eps(guided, x, t, var)
+
+    def _warn_empty_mask(self, records) -> None:
+        """Warn once when psi is at or above every captured layer's token count N: the received mass of a key is at
+        most N (every query's whole row on it), so ``received > psi`` never holds and SAG does nothing."""
+        if self._warned_psi or not records:
+            return
+        self._warned_psi = True
+        most = max(r.data["received"][0].numel() for r in records)
+        if self.psi >= most:
+            warnings.warn(f"psi={self.psi} >= {most}, the most attention a key can receive from the layers' {most} "
+                          "queries: the SAG mask is always empty and guidance a no-op; accepted: psi < token count "
+                          "(1.0 = above-mean attention)", SagConfigWarning, stacklevel=3)
 
     def _cfg_only(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         b = x.shape[0]
