@@ -6,14 +6,17 @@
 Presets (random weights unless named): ``tiny_pixel_cond`` (0.28M), ``embedded`` (the shipped weights),
 ``adm128`` (guided-diffusion ImageNet-128 conditional architecture, 421.5M, 128x128 pixels, SAG layer
 output_blocks[8] as the official README), ``sd15`` (diffusers' default UNet2DConditionModel = SD-1.5,
-860M, 4x64x64 latents, text embeddings 77x768, SAG on the mid-block attn1 as diffusers' pipeline). The SAG
+860M, 4x64x64 latents, text embeddings 77x768, SAG on the mid-block attn1 as diffusers' pipeline), ``sdxl`` (the
+SDXL base UNet, 2.6B, 4x128x128 latents with ``--latent 128``, pooled embedding and time ids as added conditioning,
+SAG on the first mid-block attn1: ``benchmarks.presets``; not measured yet, see BENCHMARKS.md). The SAG
 settings (layers, blur, scales) of a preset are those of its ``conf/model_guidance/<name>.yaml`` (``PRESETS``).
 
 Two benchmarks, each A/B interleaved over ``--repeats`` rounds on the same seeds (medians):
-- ``guidance``: none / sag / blur (/ cfg / sag_cfg where the model has a null condition): model calls per
-  image (network rows counted by a hook, ``sag.guidance.CallCounter``), wall time per image, peak accelerator
-  memory, ratios to unguided and to CFG. The ideal is one extra model call per guided step: SAG / none = 2.0x,
-  SAG+CFG / CFG = 1.5x (targets 2.05x, 1.55x).
+- ``guidance``: none / sag / blur / pag / seg / slg (/ cfg / sag_cfg / apg where the model has a null condition;
+  ``--kinds`` to choose any of ``sag.guidance.KINDS`` but cg / sag_cg): model calls per image (network rows
+  counted by a hook, ``sag.guidance.CallCounter``), wall time per image, peak accelerator memory, ratios to
+  unguided and to CFG. The ideal is one extra model call per guided step: SAG / none = 2.0x, SAG+CFG / CFG =
+  1.5x (targets 2.05x, 1.55x); PAG, SEG, SLG cost what SAG costs, APG what CFG costs.
 - ``capture``: every self-attention layer, head-mean and received-mass maps, every step, against no
   capture (target 1.15x); ``--latent`` sets the sd15 latent size, so 64 gives a 64x64 token grid at the
   first level and 32 a 32x32 one.
@@ -29,6 +32,7 @@ import pandas as pd
 import torch
 
 from benchmarks.common import DTYPES, append_bench, machine, model_guidance, timed
+from benchmarks.presets import RANDOM_PRESETS, build_random_preset
 from sag.capture import capture_attention
 from sag.guidance import CallCounter, build_guidance
 from sag.models import DiffusionModel, load_model
@@ -37,7 +41,7 @@ from sag.schedulers import make_scheduler
 
 # Preset -> its conf/model_guidance/<name>.yaml (SAG layers, blur, scales; read with benchmarks.common).
 PRESETS = {"tiny_pixel_cond": "tiny_pixel_cond", "embedded": "embedded", "adm128": "adm128",
-           "sd15": "stable_diffusion"}
+           "sd15": "stable_diffusion", "sdxl": "sdxl"}
 
 
 def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: int) -> DiffusionModel:
@@ -57,17 +61,8 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: in
         ac = DDPMScheduler.from_config(sched).alphas_cumprod
         model = DiffusionModel("adm128", net, ac, learned_variance=True, conditioning="class", num_classes=1000,
                                sample_size=(128, 128), scheduler_config=sched)
-    elif name == "sd15":
-        from diffusers import UNet2DConditionModel
-
-        with torch.device(device):
-            net = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)  # else defaults = SD-1.5
-        sched = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
-        ac = DDPMScheduler.from_config(sched).alphas_cumprod
-        model = DiffusionModel("sd15", net, ac, conditioning="text", null_text=torch.zeros(1, 77, 768),
-                               sample_size=(latent, latent), in_channels=4, clip_denoised=False,
-                               scheduler_config=sched)
+    elif name in RANDOM_PRESETS:  # sd15, sdxl: random weights at the real UNet sizes
+        model = build_random_preset(name, device, latent)
     else:
         raise SystemExit(f"unknown preset {name!r}; accepted: {sorted(PRESETS)}")
     return model.to(device=device, dtype=dtype)
@@ -77,7 +72,8 @@ def _cond(model: DiffusionModel, n: int, device) -> torch.Tensor | None:
     if model.conditioning == "class":
         return torch.arange(n, device=device) % model.num_classes
     if model.conditioning == "text":
-        return torch.randn(n, 77, 768, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
+        shape = model.null_text.shape[1:]  # (77, 768); SDXL: the packed (78, 2048), sag.models.sdxl
+        return torch.randn(n, *shape, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
     return None
 
 
@@ -95,12 +91,24 @@ def run_cases(cases: dict, device, repeats: int) -> dict[str, tuple[float, float
     return {k: (statistics.median(times[k]), max(peaks[k])) for k in cases}
 
 
-def bench_guidance(model, preset, device, steps, batch, repeats, scheduler="ddim") -> list[dict]:
-    """Rows of the ``guidance`` benchmark: calls per image (UNet rows counted by a hook), time and memory."""
+# The kinds benchmarked by default: SAG, blur and the SAG family; CFG, SAG+CFG and APG only where the model has a
+# null condition (pag_cfg, seg_cfg, slg_cfg cost what sag_cfg costs: --kinds adds them; classifier guidance needs
+# a trained classifier and is not benchmarked here).
+PLAIN_KINDS = ("none", "sag", "blur", "pag", "seg", "slg")
+CFG_KINDS = ("cfg", "sag_cfg", "apg")
+
+
+def bench_guidance(model, preset, device, steps, batch, repeats, scheduler="ddim", kinds=None) -> list[dict]:
+    """Rows of the ``guidance`` benchmark: calls per image (UNet rows counted by a hook), time and memory, per kind
+    of ``kinds`` (None: ``PLAIN_KINDS``, then ``CFG_KINDS`` where the model has a null condition; "none" always
+    runs first, it is the ratios' reference; "cfg" is added where a ``*_cfg`` kind or apg is asked for)."""
     sched = make_scheduler(model, scheduler)
     seeds, cond = list(range(batch)), _cond(model, batch, device)
     has_null = model.conditioning == "text" or model.has_null_class
-    kinds = ["none", "sag", "blur"] + (["cfg", "sag_cfg"] if has_null else [])
+    if kinds is None:
+        kinds = [*PLAIN_KINDS, *(CFG_KINDS if has_null else ())]
+    wants_cfg = any(k.endswith("_cfg") or k == "apg" for k in kinds)
+    kinds = ["none", *(["cfg"] if wants_cfg and "cfg" not in kinds else []), *(k for k in kinds if k != "none")]
     kw = model_guidance(PRESETS[preset])
     fns = {k: build_guidance(model, k, **kw) for k in kinds}
     counters = {k: CallCounter(model.net) for k in kinds}
@@ -155,8 +163,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--latent", type=int, default=64, help="sd15 latent size (token grid of the first level)")
+    ap.add_argument("--latent", type=int, default=64, help="sd15/sdxl latent size (sdxl: 128 = 1024 px)")
     ap.add_argument("--benchmarks", default="guidance,capture")
+    ap.add_argument("--kinds", default=None, help="comma-separated guidance kinds of the guidance benchmark "
+                    "(default: sag, blur, pag, seg, slg and, with a null condition, cfg, sag_cfg, apg)")
     ap.add_argument("--out", default="outputs/bench", help="writes <out>/tables/bench.parquet (appends)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -164,10 +174,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     which = args.benchmarks.split(",")
     if "guidance" in which:
-        rows += bench_guidance(model, args.preset, device, args.steps, args.batch, args.repeats)
+        kinds = None if args.kinds is None else args.kinds.split(",")
+        rows += bench_guidance(model, args.preset, device, args.steps, args.batch, args.repeats, kinds=kinds)
     if "capture" in which:
         rows += bench_capture(model, device, args.steps, args.batch, args.repeats)
-    grid = f"{args.latent}x{args.latent}" if args.preset == "sd15" else "x".join(map(str, model.sample_size))
+    grid = f"{args.latent}x{args.latent}" if args.preset in RANDOM_PRESETS else "x".join(map(str, model.sample_size))
     meta = {"model": f"{args.preset} ({grid})", "device": device.type, "dtype": args.dtype, "batch": args.batch,
             "steps": args.steps, "machine": machine(device), "date": dt.date.today().isoformat()}
     df, path = append_bench(rows, meta, args.out)

@@ -5,7 +5,8 @@ A :class:`Setting` is one guidance configuration (kind, scales, window, every-k)
 the quality-cost frontier of windows and every-k schedules). :func:`evaluate_settings` samples each setting
 into ``<out>/settings/<name>/`` through :func:`sag.runs.run_sampling` (resumable), counts network evaluations
 per image with :class:`sag.guidance.base.CallCounter`, scores the images with a :class:`Scorer` and returns the
-tidy rows as a DataFrame (the caller validates and writes the table).
+tidy rows as a DataFrame (the caller validates and writes the table), each with its paired delta against the
+sweep's unguided setting (same seeds, same bootstrap draws: :func:`sag.evaluators.quality.paired_delta`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sag.data import make_scenes
+from sag.domains import DECLARE, require_domain
 from sag.errors import SagConfigError
-from sag.evaluators import extract, inception_metrics, load_evaluator, load_noisy_classifier, quality_metrics
-from sag.evaluators.quality import check_inception_weights
+from sag.evaluators import extract, inception_metrics, load_evaluator, load_noisy_classifier
+from sag.evaluators.quality import bootstrap_quality, check_inception_weights, with_deltas
 from sag.guidance import build_guidance
 from sag.guidance.base import CallCounter, as_guidance
 from sag.inputs import RunInputs
@@ -33,12 +36,16 @@ from sag.runs import load_samples, run_sampling
 from sag.sampling import sample
 
 CG_KINDS = ("cg", "sag_cg")  # kinds that need the noise-aware classifier
-FRONTIER_KINDS = ("sag", "blur", "sag_cfg")
+# The SAG family (sag.guidance.build): network perturbations with their own scale s, alone or with CFG; APG (w).
+PERTURBED_KINDS = ("pag", "seg", "slg")
+FAMILY_KINDS = (*PERTURBED_KINDS, *(f"{k}_cfg" for k in PERTURBED_KINDS), "apg")
+FRONTIER_KINDS = ("sag", "blur", "sag_cfg", *PERTURBED_KINDS, *(f"{k}_cfg" for k in PERTURBED_KINDS))
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One guidance setting. ``scale`` is the swept scale: s for sag/blur/sag_*, w for cfg, lambda for cg."""
+    """One guidance setting. ``scale`` is the swept scale: s for sag/blur/sag_*, w for cfg, lambda for cg; for
+    pag/seg/slg (and their ``*_cfg``) their own s (``cfg_scale`` holds w), for apg w (= ``cfg_scale``)."""
 
     guidance: str
     scale: float = 0.0
@@ -51,8 +58,11 @@ class Setting:
 
     @property
     def kind(self) -> str:
-        """What is sampled: SAG or blur at s = 0 is the unguided model (bit for bit), so it shares that run."""
-        return "none" if self.guidance in ("sag", "blur") and self.sag_scale == 0 else self.guidance
+        """What is sampled: SAG, blur, PAG, SEG or SLG at s = 0 (and APG at w = 0) is the unguided model (bit for
+        bit), so it shares that run."""
+        off = (self.guidance in ("sag", "blur") and self.sag_scale == 0) or (
+            self.guidance in (*PERTURBED_KINDS, "apg") and self.scale == 0)
+        return "none" if off else self.guidance
 
     @property
     def window_label(self) -> str:
@@ -68,15 +78,54 @@ class Setting:
             return "none"
         tags = {"sag": f"s{self.sag_scale:g}", "blur": f"s{self.sag_scale:g}", "cfg": f"w{self.cfg_scale:g}",
                 "cg": f"l{self.cg_scale:g}", "sag_cfg": f"s{self.sag_scale:g}_w{self.cfg_scale:g}",
-                "sag_cg": f"s{self.sag_scale:g}_l{self.cg_scale:g}"}
+                "sag_cg": f"s{self.sag_scale:g}_l{self.cg_scale:g}", "apg": f"w{self.cfg_scale:g}"}
+        tags |= {k: f"s{self.scale:g}" for k in PERTURBED_KINDS}
+        tags |= {f"{k}_cfg": f"s{self.scale:g}_w{self.cfg_scale:g}" for k in PERTURBED_KINDS}
         name = f"{self.kind}_{tags[self.kind]}"
         name += "" if (self.start, self.stop) == (0.0, 1.0) else f"_win{self.start:g}-{self.stop:g}"
         return name + ("" if self.every == 1 else f"_every{self.every}")
 
 
+def family_setting(kind: str, family_options: Mapping | None, cfg_scale: float, start: float = 0.0,
+                   stop: float = 1.0, every: int = 1) -> Setting:
+    """One setting of the SAG family: pag/seg/slg at ``family_options["<term>_scale"]`` (their ``*_cfg`` with w =
+    ``cfg_scale`` too), apg at w = ``cfg_scale``; ``start``/``stop``/``every``: the perturbation window (apg: its
+    CFG window, see :func:`build_setting`)."""
+    if kind not in FAMILY_KINDS:
+        raise SagConfigError(f"family has {kind!r}; accepted: {list(FAMILY_KINDS)}")
+    window = {"start": float(start), "stop": float(stop), "every": every}
+    w = float(cfg_scale)
+    if kind == "apg":
+        return Setting("apg", w, cfg_scale=w, **window)
+    key = f"{kind.removesuffix('_cfg')}_scale"
+    if key not in (family_options or {}):
+        raise SagConfigError(f"family_options has no {key!r} for {kind}; accepted: a mapping with the "
+                             "build_guidance options of the family (conf/evaluate.yaml family_options)")
+    return Setting(kind, float(family_options[key]), cfg_scale=w if kind.endswith("_cfg") else 0.0, **window)
+
+
+def family_settings(family: Sequence[str], family_options: Mapping | None, cfg_scale: float,
+                    conditional: bool) -> list[Setting]:
+    """The SAG family at one scale each, full window (:func:`family_setting`); kinds needing an unconditional
+    branch (``*_cfg``, apg) are skipped on unconditional models, with CFG alone added before the first of them
+    (their reference: APG reshapes CFG's update, the ``*_cfg`` kinds add to it)."""
+    out: list[Setting] = []
+    for kind in family:
+        setting = family_setting(kind, family_options, cfg_scale)
+        if setting.cfg_scale != 0 and not conditional:
+            print(f"skipping {kind}: the model is unconditional")
+            continue
+        cfg = Setting("cfg", float(cfg_scale), cfg_scale=float(cfg_scale))
+        out += [cfg] if setting.cfg_scale != 0 and cfg not in out else []
+        out.append(setting)
+    return out
+
+
 def quality_settings(*, sag_scales: Sequence[float], blur_scales: Sequence[float], combos: Sequence[str],
-                     combo_sag_scale: float, cfg_scale: float, cg_scale: float, conditional: bool) -> list[Setting]:
-    """The evaluate sweep: SAG and blur over their scales, then CFG / CG alone and with SAG (``combos``)."""
+                     combo_sag_scale: float, cfg_scale: float, cg_scale: float, conditional: bool,
+                     family: Sequence[str] = (), family_options: Mapping | None = None) -> list[Setting]:
+    """The evaluate sweep: SAG and blur over their scales, then CFG / CG alone and with SAG (``combos``), then the
+    SAG family (``family``: pag, seg, slg, their ``*_cfg``, apg) at one scale each (:func:`family_settings`)."""
     out = [Setting("none")]
     out += [Setting("sag", float(s), sag_scale=float(s)) for s in sag_scales]
     out += [Setting("blur", float(s), sag_scale=float(s)) for s in blur_scales]
@@ -91,53 +140,67 @@ def quality_settings(*, sag_scales: Sequence[float], blur_scales: Sequence[float
             out.append(known[c])
         else:
             print(f"skipping {c}: the model is unconditional")
-    return out
+    return out + [f for f in family_settings(family, family_options, cfg_scale, conditional) if f not in out]
 
 
 def frontier_settings(*, kinds: Sequence[str], scale: float, cfg_scale: float, windows: Sequence[Sequence[float]],
-                      every: Sequence[int], conditional: bool) -> list[Setting]:
-    """The frontier sweep at one scale: per kind the full window, each [start, stop) of ``windows`` and each
-    every-k schedule, next to the unguided run (and CFG alone before sag_cfg)."""
+                      every: Sequence[int], conditional: bool, family: Sequence[str] = (),
+                      family_options: Mapping | None = None) -> list[Setting]:
+    """The frontier sweep: per kind of ``kinds`` the full window, each [start, stop) of ``windows`` and each
+    every-k schedule, next to the unguided run (and CFG alone before a ``*_cfg`` kind); SAG kinds at s = ``scale``,
+    pag/seg/slg kinds at their ``family_options`` scale. Then ``family`` (:func:`family_settings`): one full-window
+    point per kind, so the family sits on the same calls-per-image axis."""
     s, w = float(scale), float(cfg_scale)
     out = [Setting("none")]
     for kind in kinds:
         if kind not in FRONTIER_KINDS:
             raise SagConfigError(f"kinds has {kind!r}; accepted: {list(FRONTIER_KINDS)}")
-        if kind == "sag_cfg" and not conditional:
-            print("skipping sag_cfg: the model is unconditional")
+        if kind.endswith("_cfg") and not conditional:
+            print(f"skipping {kind}: the model is unconditional")
             continue
-        base = {"sag_scale": s, "cfg_scale": w if kind == "sag_cfg" else 0.0}
-        if kind == "sag_cfg":
+        if kind.endswith("_cfg") and Setting("cfg", w, cfg_scale=w) not in out:
             out.append(Setting("cfg", w, cfg_scale=w))
-        out.append(Setting(kind, s, **base))
         for window in windows:
             if len(window) != 2:
                 raise SagConfigError(f"windows has {list(window)}; accepted: [start, stop] pairs of fractions")
-            out.append(Setting(kind, s, start=float(window[0]), stop=float(window[1]), **base))
         for k in every:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise SagConfigError(f"every has {k!r}; accepted: positive integers")
-            out.append(Setting(kind, s, every=k, **base))
-    return out
+        schedules = [{}, *({"start": float(a), "stop": float(b)} for a, b in windows), *({"every": k} for k in every)]
+        for sched in schedules:
+            if kind in FAMILY_KINDS:
+                out.append(family_setting(kind, family_options, w, **sched))
+            else:
+                out.append(Setting(kind, s, sag_scale=s, cfg_scale=w if kind == "sag_cfg" else 0.0, **sched))
+    return out + [f for f in family_settings(family, family_options, w, conditional) if f not in out]
 
 
 def build_setting(model: DiffusionModel, setting: Setting, *, layers, psi: float, kernel_size: int,
-                  blur_sigma: float, map_heads="layer", classifier: nn.Module | None = None) -> Callable:
-    """The model call of a setting (:func:`sag.guidance.build_guidance` with its window and every-k)."""
+                  blur_sigma: float, map_heads="layer", classifier: nn.Module | None = None,
+                  family: Mapping | None = None) -> Callable:
+    """The model call of a setting (:func:`sag.guidance.build_guidance` with its window and every-k). ``family``:
+    the family's ``build_guidance`` options (layers, blur, eta, ...; ``family_options`` of conf/evaluate.yaml); a
+    pag/seg/slg setting's own scale replaces ``<term>_scale``. APG's window is the CFG window (cfg_start/stop)."""
     window = {"start": setting.start, "stop": setting.stop, "every": setting.every}
     if setting.kind == "none" and setting.guidance != "none":
-        window = {}  # SAG / blur at s = 0 is the unguided model whatever its window (Eq. 16 with s = 0)
+        window = {}  # SAG / blur / PAG / SEG / SLG at s = 0 is the unguided model whatever its window (s = 0)
+    if setting.kind == "apg":
+        window = {"cfg_start": setting.start, "cfg_stop": setting.stop, "every": setting.every}
+    own = dict(family or {})
+    if setting.kind.removesuffix("_cfg") in PERTURBED_KINDS:
+        own[f"{setting.kind.removesuffix('_cfg')}_scale"] = setting.scale
     return build_guidance(model, setting.kind, sag_scale=setting.sag_scale, cfg_scale=setting.cfg_scale,
                           cg_scale=setting.cg_scale, layers=layers, psi=float(psi), kernel_size=int(kernel_size),
                           blur_sigma=float(blur_sigma), map_heads=map_heads, classifier=classifier,
-                          **window)
+                          **own, **window)
 
 
 def build_settings(model: DiffusionModel, settings: Sequence[Setting], size: tuple[int, int] | None, *,
-                   sag: Mapping, classifier_dir: str | None = None) -> dict[str, Callable]:
+                   sag: Mapping, classifier_dir: str | None = None, family: Mapping | None = None
+                   ) -> dict[str, Callable]:
     """Build and validate the model call of every distinct setting (keyed by name) before the first sample.
     ``sag`` holds the degradation shared by every SAG / blur setting (layers, psi, kernel_size, blur_sigma,
-    map_heads);
+    map_heads); ``family`` the SAG family's options (:func:`build_setting`);
     the noise-aware classifier (``classifier_dir``, None = the embedded one) is loaded only for CG kinds."""
     noisy = None
     if any(s.kind in CG_KINDS for s in settings):
@@ -145,7 +208,8 @@ def build_settings(model: DiffusionModel, settings: Sequence[Setting], size: tup
     fns: dict[str, Callable] = {}
     for s in settings:
         if s.name not in fns:
-            fns[s.name] = build_setting(model, s, **sag, classifier=noisy if s.kind in CG_KINDS else None)
+            fns[s.name] = build_setting(model, s, **sag, classifier=noisy if s.kind in CG_KINDS else None,
+                                        family=family)
             as_guidance(fns[s.name]).validate(size or model.sample_size)
     return fns
 
@@ -161,7 +225,11 @@ def count_calls(model: DiffusionModel, scheduler, model_fn: Callable, steps: int
 
 
 def check_images(model: DiffusionModel, size: tuple[int, int] | None) -> None:
-    """Fail unless the model makes 3x32x32 images, the only size the domain evaluator scores."""
+    """Fail unless the model declares the embedded domain (sag.domains: the scene classifier and the reference scenes
+    of :class:`Scorer` describe that domain only) and makes 3x32x32 images, the only size the classifier scores."""
+    require_domain(model, "quality scoring (the scene classifier's features against the embedded domain's reference "
+                   "scenes)", [DECLARE, "(not built yet) a reference set of your own (an image folder or .npz "
+                                        "batch) with a feature network (a local Inception or transformers backbone)"])
     h, w = size or model.sample_size
     x = torch.zeros(1, model.in_channels, h, w, device=model.device, dtype=model.dtype)
     shape = tuple(model.to_images(x).shape[1:])
@@ -219,14 +287,20 @@ class Scorer:
 
     def score(self, images: Tensor) -> list[dict]:
         """Metric rows (metric, value, ci_low, ci_high, n, draws, boot_bias) of ``images`` in [-1, 1]."""
+        return self.score_draws(images)[0]
+
+    def score_draws(self, images: Tensor) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """(:meth:`score` rows, per-draw bootstrap values per metric) of ``images`` in [-1, 1]
+        (:func:`sag.evaluators.quality.bootstrap_quality`; Inception metrics have no draws)."""
         m = self.metrics
         feats, logits = extract(self.classifier, images)
-        rows = quality_metrics(self.real_feats, feats, logits, self.labels, k=m.k, draws=m.draws,
-                               draws_fd=m.draws_fd, seed=m.seed, alpha=m.alpha)
+        rows, draws = bootstrap_quality(self.real_feats, feats, logits, self.labels, k=m.k, draws=m.draws,
+                                        draws_fd=m.draws_fd, seed=m.seed, alpha=m.alpha)
         for key, value in inception_metrics(self.inception_weights, self.reference, images).items():
             rows.append({"metric": key, "value": value, "ci_low": math.nan, "ci_high": math.nan,
                          "n": len(images), "draws": 0, "boot_bias": math.nan})
-        return rows
+            draws[key] = np.empty(0)
+        return rows, draws
 
 
 def check_inputs(run: RunInputs, metrics: MetricOptions, seeds_spec, inception_weights: str | None) -> None:
@@ -250,8 +324,19 @@ class Sweep:
     scorer: Scorer
 
 
-def _sample_and_score(sweep: Sweep, out: Path, setting: Setting, fn, progress: bool) -> tuple[list[dict], float, float]:
-    """(metric rows, calls per image, seconds) of one setting sampled into ``out/settings/<name>``."""
+@dataclass
+class Scored:
+    """One sampled and scored setting: metric rows, per-draw bootstrap values per metric (kept in memory for the
+    paired deltas), counted network evaluations per image, wall seconds."""
+
+    rows: list[dict]
+    draws: dict[str, np.ndarray]
+    calls: float
+    seconds: float
+
+
+def _sample_and_score(sweep: Sweep, out: Path, setting: Setting, fn, progress: bool) -> Scored:
+    """Sample one setting into ``out/settings/<name>`` (resumable), score it and count its calls."""
     model, run = sweep.model, sweep.run
     started = time.time()
     run_dir = out / "settings" / setting.name
@@ -259,28 +344,38 @@ def _sample_and_score(sweep: Sweep, out: Path, setting: Setting, fn, progress: b
                  batch_size=run.batch_size, cond=sweep.cond, size=run.size, progress=progress,
                  meta={"guidance": asdict(setting) | {"kind": setting.kind}})
     _, x = load_samples(run_dir)
-    metrics = sweep.scorer.score(model.to_images(x.to(model.device, model.dtype)).float().cpu())
+    rows, draws = sweep.scorer.score_draws(model.to_images(x.to(model.device, model.dtype)).float().cpu())
     calls = count_calls(model, sweep.scheduler, fn, run.steps, sweep.cond, run.size)
-    return metrics, calls, time.time() - started
+    return Scored(rows, draws, calls, time.time() - started)
+
+
+BASELINE = "none"  # the unguided setting's name: every sweep's paired deltas are taken against it
 
 
 def evaluate_settings(sweep: Sweep, out: str | Path, settings: Sequence[Setting], fns: Mapping[str, Callable], *,
                       progress: bool = True) -> pd.DataFrame:
     """Sample every setting (resumable, paired seeds), count its calls, score it: one row per setting and
     metric, in settings order (settings sharing a name share its samples and scores). ``fns``: the model calls
-    of :func:`build_settings`."""
+    of :func:`build_settings`. Every row carries the paired delta against the unguided setting (``BASELINE``,
+    sampled once; :func:`sag.evaluators.quality.with_deltas`): delta, delta_ci_low, delta_ci_high, differs. A
+    sweep without the unguided setting is refused before sampling."""
+    if not any(s.name == BASELINE for s in settings):
+        raise SagConfigError(f"settings {[s.name for s in settings]} lack the unguided setting; accepted: a sweep "
+                             "that includes guidance none (the baseline of the paired deltas)")
     out = Path(out)
-    scored: dict[str, tuple[list[dict], float, float]] = {}
-    rows = []
+    scored: dict[str, Scored] = {}
     for s in tqdm(settings, desc="settings", unit="setting", disable=not progress):
         if s.name not in scored:
             scored[s.name] = _sample_and_score(sweep, out, s, fns[s.name], progress)
-        metrics, calls, wall = scored[s.name]
-        for r in metrics:
+    alpha, base = sweep.scorer.metrics.alpha, scored[BASELINE]
+    rows = []
+    for s in settings:
+        sc = scored[s.name]
+        for r in with_deltas(sc.rows, sc.draws, base.rows, base.draws, alpha):
             rows.append({"run": out.name, "guidance": s.guidance, "window": s.window_label, "scale": s.scale, **r,
-                         "calls_per_image": calls, "setting": s.name, "sag_scale": s.sag_scale,
+                         "calls_per_image": sc.calls, "setting": s.name, "sag_scale": s.sag_scale,
                          "cfg_scale": s.cfg_scale, "cg_scale": s.cg_scale, "start": s.start, "stop": s.stop,
                          "every": s.every, "model": sweep.model.name, "steps": sweep.run.steps,
                          "scheduler": type(sweep.scheduler).__name__, "samples": str(out / "settings" / s.name),
-                         "eval_s": wall})
+                         "eval_s": sc.seconds})
     return pd.DataFrame(rows)

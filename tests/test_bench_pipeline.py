@@ -63,13 +63,17 @@ def test_cost_benchmark_smoke(tmp_path):
                "--out", str(tmp_path)])
     df = read_bench(tmp_path)
     guidance = df[df["benchmark"] == "guidance"].set_index("setting")
-    assert sorted(guidance.index) == ["blur", "cfg", "none", "sag", "sag_cfg"]
+    # the default kinds: benchmarks.cost PLAIN_KINDS + CFG_KINDS (the model has a null class)
+    assert sorted(guidance.index) == ["apg", "blur", "cfg", "none", "pag", "sag", "sag_cfg", "seg", "slg"]
     capture = df[df["benchmark"] == "capture"]
     assert sorted(capture["setting"]) == ["capture", "capture exact=False", "no capture"]
-    assert len(df) == 5 + 3
+    assert len(df) == 9 + 3
     assert all(math.isfinite(v) and v > 0 for v in df["s_per_image"])
     calls = guidance["calls_per_image"]  # counted model evaluations per image: exact
     assert calls["none"] == steps
     assert calls["sag"] == 2 * calls["none"] and calls["blur"] == 2 * calls["none"]
     assert calls["cfg"] == 2 * calls["none"] and calls["sag_cfg"] == 3 * calls["none"]
+    for kind in ("pag", "seg", "slg"):  # one perturbed pass per guided step
+        assert calls[kind] == 2 * calls["none"]
+    assert calls["apg"] == calls["cfg"]  # APG reshapes the CFG update: no extra pass
     assert guidance.loc["none", "ratio_vs_none"] == 1.0

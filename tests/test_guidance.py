@@ -347,4 +347,4 @@ def test_cfg_needs_a_conditional_model(tiny_pixel):
     with pytest.raises(SagConfigError, match="needs a classifier"):
         build_guidance(tiny_pixel, "cg")
     with pytest.raises(SagConfigError, match="accepted"):
-        build_guidance(tiny_pixel, "pag")
+        build_guidance(tiny_pixel, "pag_cg")  # not a kind (classifier guidance composes around PAG in Python)
