@@ -32,21 +32,33 @@ TABLES: dict[str, tuple[str, ...]] = {
     # centred 2-D frequency plane (u, v), averaged over images.
     "frequency_surface": ("run", "model", "layer", "patch", "psi", "source", "step", "u", "v", "pct_diff"),
     # Study 3 (Exp. C): per image; target: object / texture; measure: iou_attention, iou_random (mean over
-    # draws), auroc, pointbiserial_r. mode: scenes (forward-noised dataset scenes, exact masks) or samples
+    # draws; NaN with an empty attention mask), iou_random_position (within-ring permutations), auroc, auroc_ring,
+    # pointbiserial_r, mask_area. mode: scenes (forward-noised dataset scenes, exact masks) or samples
     # (generated images, masks from the domain segmenter).
     "object_correlation": ("run", "model", "layer", "patch", "psi", "mode", "t", "seed", "target", "measure",
                            "value"),
-    # Every statistical comparison: paired test, effect, bootstrap CI, raw and Holm-corrected p.
-    "stats": ("study", "comparison", "layer", "patch", "psi", "step", "n", "effect", "ci_low", "ci_high", "p",
-              "p_holm", "test"),
-    # One row per finding of the paper; verdict in: confirmed / not confirmed / inconclusive.
-    "claims": ("claim_id", "claim", "paper_value", "measure", "effect", "ci_low", "ci_high", "n", "p", "verdict"),
+    # Every statistical comparison: paired test, effect, bootstrap 95 % CI, raw and Holm-corrected p (Holm within
+    # one kind of comparison: exploratory); n images with a complete pair, n_empty images without one (an empty
+    # mask: NaN, left out). object_correlation's measures add iou_random_position (position-matched random
+    # masks) and auroc_ring (within-ring AUROC), see analysis.correlation.
+    "stats": ("study", "comparison", "layer", "patch", "psi", "step", "n", "n_empty", "effect", "ci_low", "ci_high",
+              "p", "p_holm", "test"),
+    # One row per claim and scope (analysis.claims): scope primary (verdict in supported / not shown /
+    # contradicted, from p_adj = Holm over the primaries and a CI at the Bonferroni level; adjusted True), pooled
+    # (image-level statistic over layers and t) or exploratory (unadjusted; no verdict: ""). direction: paper /
+    # opposite / neither (where the CI lies); n_for_80pct_power: images to detect the paper's effect.
+    "claims": ("claim_id", "claim", "paper_value", "measure", "scope", "adjusted", "verdict", "direction", "effect",
+               "ci_low", "ci_high", "n", "n_empty", "p", "p_adj", "n_for_80pct_power"),
     # Issue-9 quality: per guidance setting and metric, bootstrap CI over seeds.
-    # metric in: fd, precision, recall, class_accuracy, is_score.
-    "quality": ("run", "guidance", "scale", "metric", "value", "ci_low", "ci_high", "n"),
+    # metric in: fd, precision, recall, class_accuracy, is_score. delta = value - the unguided setting's value on
+    # the same seeds, with the percentile CI of the paired bootstrap draws (sag.evaluators.quality.paired_delta);
+    # differs: that CI excludes 0.
+    "quality": ("run", "guidance", "scale", "metric", "value", "ci_low", "ci_high", "n", "delta", "delta_ci_low",
+                "delta_ci_high", "differs"),
     # Quality-cost frontier: window = "full", "window a-b" or "every k" (the guidance window, not the noise
     # schedule); calls_per_image from counting.
-    "frontier": ("guidance", "window", "scale", "calls_per_image", "metric", "value", "ci_low", "ci_high"),
+    "frontier": ("guidance", "window", "scale", "calls_per_image", "metric", "value", "ci_low", "ci_high", "delta",
+                 "delta_ci_low", "delta_ci_high", "differs"),
     # Cost per guidance setting, measured in one run (ratios against the same run's unguided / CFG).
     "bench": ("benchmark", "setting", "model", "device", "dtype", "batch", "steps", "calls_per_image",
               "s_per_image", "peak_mem_mb", "ratio_vs_none", "ratio_vs_cfg", "machine", "date"),

@@ -2,25 +2,32 @@
 
 The unit of replication is the image (seed): every comparison pairs two measurements of the same images
 (masked vs unmasked patches, attention vs random masks), so the tests are paired and the bootstrap resamples
-images. Pairs with a missing value (e.g. an image whose mask at psi = 1.3 is empty) are left out of that
-comparison and ``n`` says how many pairs were used.
+images. Pairs with a missing value (e.g. an image whose mask at psi = 1.3 is empty: its IoU and masked
+spectrum are NaN, never 0) are left out of that comparison; ``n`` says how many pairs were used and ``n_empty``
+how many images of the group were left out.
+
+The comparisons themselves are :class:`Comparison` objects (:func:`frequency_comparisons`,
+:func:`correlation_comparisons`): the stats table runs each over every group, and the claims
+(:mod:`analysis.claims`) rerun them on their primary scope (at an adjusted CI level) and pooled over scopes.
 
 * :func:`bootstrap_ci`: percentile bootstrap of the mean paired difference and of the relative difference
   100 (mean a - mean b) / mean b, ``n_boot`` resamples from one seeded generator, vectorised. (The quality
   metrics' interval of already resampled values is :func:`sag.evaluators.quality.percentile_interval`.)
 * :func:`paired_p`: two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``; exact for small n, p = 1
   when every difference is 0) or a sign-flip permutation test of the mean difference.
+* :func:`images_for_power`: images needed for 80 % power (normal approximation), from the observed SD.
 * :func:`holm`: Holm's step-down adjustment (Holm 1979), written out because statsmodels is not a dependency
   and ``scipy.stats.false_discovery_control`` is Benjamini-Hochberg/Yekutieli, not family-wise.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from scipy.stats import wilcoxon
+from scipy.stats import norm, wilcoxon
 
 TESTS = ("wilcoxon", "permutation")
 
@@ -52,6 +59,9 @@ def paired_p(a: np.ndarray, b: np.ndarray, test: str = "wilcoxon", n_perm: int =
     if np.all(d == 0):
         return 1.0
     if test == "wilcoxon":
+        if len(d) <= 13:  # scipy's "auto" enumerates all 2^n sign flips when there are zeros (slow, ~45 ms); a
+            # zero's sign never changes the statistic, so the same p comes from the non-zero differences alone
+            d = d[d != 0]  # (for n > 13 scipy uses the normal approximation with zeros: left to scipy)
         return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
     if test == "permutation":
         rng = np.random.default_rng(seed)
@@ -128,30 +138,35 @@ def _batch_p(d: np.ndarray, test: str, n_perm: int, seed: int) -> np.ndarray:
     return p
 
 
+STAT_COLUMNS = ["n", "mean_a", "mean_b", "effect", "ci_low", "ci_high", "rel_effect_pct", "rel_ci_low", "rel_ci_high",
+                "p", "sd"]
+
+
 def compare_arrays(a: np.ndarray, b: np.ndarray, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0,
-                   n_perm: int = 10000) -> pd.DataFrame:
+                   n_perm: int = 10000, level: float = 0.95) -> pd.DataFrame:
     """:func:`compare` for every row of paired arrays a, b (G, n), vectorised over the rows without missing
-    values (bootstrap as one matrix product, tests in one scipy call); rows with NaN go one by one."""
-    cols = ["n", "mean_a", "mean_b", "effect", "ci_low", "ci_high", "rel_effect_pct", "rel_ci_low", "rel_ci_high", "p"]
-    out = np.full((len(a), len(cols)), np.nan)
+    values (bootstrap as one matrix product, tests in one scipy call); rows with NaN go one by one. ``level``:
+    the percentile CIs' coverage; ``sd``: the SD (ddof 1) of the paired differences a - b (for power)."""
+    out = np.full((len(a), len(STAT_COLUMNS)), np.nan)
     valid = ~(np.isnan(a) | np.isnan(b))
     if len(a) and a.shape[1]:
         patterns, inverse = np.unique(valid, axis=0, return_inverse=True)
         for k, pat in enumerate(patterns):  # rows sharing the same missing pairs are tested together
             rows = np.flatnonzero(inverse.ravel() == k)
             if pat.any():
-                out[rows] = _compare_complete(a[rows][:, pat], b[rows][:, pat], test, n_boot, seed, n_perm)
-    res = pd.DataFrame(out, columns=cols)
+                out[rows] = _compare_complete(a[rows][:, pat], b[rows][:, pat], test, n_boot, seed, n_perm, level)
+    res = pd.DataFrame(out, columns=STAT_COLUMNS)
     res["n"] = res["n"].fillna(0).astype(int)
     res["test"] = test
     return res
 
 
-def _compare_complete(a: np.ndarray, b: np.ndarray, test: str, n_boot: int, seed: int, n_perm: int) -> np.ndarray:
+def _compare_complete(a: np.ndarray, b: np.ndarray, test: str, n_boot: int, seed: int, n_perm: int,
+                      level: float = 0.95) -> np.ndarray:
     n = a.shape[1]
     w = resample_weights(n, n_boot, seed)
     ma, mb = w @ a.T, w @ b.T  # (n_boot, G)
-    q = [2.5, 97.5]
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = 100 * (ma - mb) / mb
         rel_point = 100 * (a.mean(1) - b.mean(1)) / b.mean(1)
@@ -161,16 +176,18 @@ def _compare_complete(a: np.ndarray, b: np.ndarray, test: str, n_boot: int, seed
     ok = np.isfinite(rel).any(0)
     if ok.any():
         rlo[ok], rhi[ok] = np.nanpercentile(rel[:, ok], q, axis=0)
+    sd = (a - b).std(1, ddof=1) if n > 1 else np.full(len(a), np.nan)
     return np.column_stack([np.full(len(a), n), a.mean(1), b.mean(1), a.mean(1) - b.mean(1), lo, hi, rel_point,
-                            rlo, rhi, _batch_p(a - b, test, n_perm, seed)])
+                            rlo, rhi, _batch_p(a - b, test, n_perm, seed), sd])
 
 
 def compare_groups(df: pd.DataFrame, keys: list[str], pair: str, a, b=None, value: str = "value", *,
                    against: float | None = None, unit: str = "seed", test: str = "wilcoxon", n_boot: int = 2000,
-                   seed: int = 0) -> pd.DataFrame:
+                   seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """Paired comparison of rows with ``pair == a`` vs ``pair == b`` within every group of ``keys``, pairing
     rows by ``unit``; with ``against`` (a number), ``a`` is compared with that constant (one-sample test).
-    Duplicate (keys, unit, pair) rows raise instead of being silently dropped."""
+    ``n_empty``: units of the group without a complete pair (a NaN value: an empty mask, or a target with one
+    class only), left out of n. Duplicate (keys, unit, pair) rows raise instead of being silently dropped."""
     if df.empty:
         return pd.DataFrame()
     wide = df.set_index([*keys, unit, pair])[value].unstack(pair)  # raises on duplicates
@@ -178,8 +195,22 @@ def compare_groups(df: pd.DataFrame, keys: list[str], pair: str, a, b=None, valu
         return pd.DataFrame()
     va = wide[a].unstack(unit)  # (groups, units)
     vb = va * 0 + float(against) if against is not None else wide[b].unstack(unit).reindex_like(va)
-    res = compare_arrays(va.to_numpy(np.float64), vb.to_numpy(np.float64), test=test, n_boot=n_boot, seed=seed)
+    units = wide.groupby(level=list(range(len(keys))), dropna=False).size().reindex(va.index)  # units with rows
+    res = compare_arrays(va.to_numpy(np.float64), vb.to_numpy(np.float64), test=test, n_boot=n_boot, seed=seed,
+                         level=level)
+    res["n_empty"] = units.to_numpy() - res["n"].to_numpy()
     return pd.concat([va.index.to_frame(index=False), res], axis=1)
+
+
+def images_for_power(effect: float, sd: float, alpha: float, power: float = 0.8) -> float:
+    """Images needed to detect a mean paired difference ``effect`` (same units as ``sd``, the SD of the paired
+    differences) with a two-sided test at level ``alpha`` and the given power: the normal approximation
+    n = ((z_{1 - alpha/2} + z_power) sd / effect)^2, rounded up (Wilcoxon's asymptotic relative efficiency vs
+    the t test is >= 0.864, so it may need up to ~16 % more). NaN when effect or sd is missing or effect is 0."""
+    if not (np.isfinite(effect) and np.isfinite(sd)) or effect == 0:
+        return float("nan")
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return float(max(2, int(np.ceil((z * sd / abs(effect)) ** 2))))
 
 
 def add_holm(stats: pd.DataFrame, family: list[str]) -> pd.DataFrame:
@@ -203,13 +234,40 @@ def _log_gap(freq: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return gap.rename("gap").reset_index()
 
 
-def frequency_stats(freq: pd.DataFrame, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Exp. B comparisons (Sec. 2.3): masked vs unmasked magnitude per frequency bin; the slope of the log gap
-    over frequency vs 0 (does the gap grow with frequency?); the mean log gap at the largest vs the smallest psi."""
-    keys = ["layer", "patch", "psi", "source", "step", "t"]
-    kw = dict(test=test, n_boot=n_boot, seed=seed)
-    out = [compare_groups(freq, [*keys, "freq"], "region", "masked", "unmasked", "magnitude", **kw)
-           .assign(comparison="masked_vs_unmasked")]
+@dataclass
+class Comparison:
+    """One kind of paired comparison: the arguments of :func:`compare_groups` on a per-image frame, plus columns
+    to set on its result (``extra``). The stats table runs every one over all groups; the claims
+    (:mod:`analysis.claims`) rerun one on a selected or pooled part of ``frame`` with the same test."""
+
+    name: str
+    study: str
+    frame: pd.DataFrame
+    keys: list[str]
+    pair: str
+    a: object
+    b: object = None
+    value: str = "value"
+    against: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def run(self, frame: pd.DataFrame | None = None, keys: list[str] | None = None, **kw) -> pd.DataFrame:
+        """compare_groups on ``frame`` (default: all of it) grouped by ``keys`` (default: all of them)."""
+        res = compare_groups(self.frame if frame is None else frame, self.keys if keys is None else keys, self.pair,
+                             self.a, self.b, self.value, against=self.against, **kw)
+        return res.assign(comparison=self.name, study=self.study, **self.extra) if len(res) else res
+
+
+FREQ_KEYS = ["layer", "patch", "psi", "source", "step", "t"]
+CORR_KEYS = ["mode", "target", "layer", "patch", "psi", "step", "t"]
+
+
+def frequency_comparisons(freq: pd.DataFrame) -> list[Comparison]:
+    """Exp. B (Sec. 2.3): masked vs unmasked magnitude per frequency bin; the slope of the log gap over frequency
+    vs 0 (does the gap grow with frequency?); the mean log gap at the largest vs the smallest psi."""
+    keys = FREQ_KEYS
+    out = [Comparison("masked_vs_unmasked", "frequency", freq, [*keys, "freq"], "region", "masked", "unmasked",
+                      "magnitude")]
     gap = _log_gap(freq, keys)
     f = gap["freq"].astype(np.float64)
     gap["fc"] = f - gap.groupby([*keys, "seed"])["freq"].transform("mean")
@@ -218,43 +276,63 @@ def frequency_stats(freq: pd.DataFrame, *, test: str = "wilcoxon", n_boot: int =
     sums["value"] = np.where(sums["den"] > 0, sums["num"] / sums["den"].where(sums["den"] > 0), np.nan)
     slope = sums.reset_index().assign(kind="slope")
     slope = slope[slope["den"] > 0]  # patches with a single radial bin have no slope
-    out.append(compare_groups(slope, keys, "kind", "slope", against=0.0, **kw).assign(comparison="gap_slope_vs_freq"))
+    out.append(Comparison("gap_slope_vs_freq", "frequency", slope, keys, "kind", "slope", against=0.0))
     psis = sorted(freq["psi"].unique())
     if len(psis) >= 2:
         mean_gap = gap.groupby([*keys, "seed"], dropna=False)["gap"].mean().rename("value").reset_index()
         mean_gap = mean_gap[mean_gap["psi"].isin([psis[0], psis[-1]])]
-        k2 = [k for k in keys if k != "psi"]
-        res = compare_groups(mean_gap, k2, "psi", psis[-1], psis[0], **kw)
-        out.append(res.assign(psi=psis[-1], comparison=f"gap_psi_{psis[-1]:g}_vs_{psis[0]:g}"))
-    return pd.concat([o for o in out if len(o)], ignore_index=True).assign(study="frequency")
+        out.append(Comparison(f"gap_psi_{psis[-1]:g}_vs_{psis[0]:g}", "frequency", mean_gap,
+                              [k for k in keys if k != "psi"], "psi", psis[-1], psis[0], extra={"psi": psis[-1]}))
+    return out
+
+
+def correlation_comparisons(corr: pd.DataFrame) -> list[Comparison]:
+    """Exp. C (Sec. 2.4): attention vs random-mask IoU, count-matched and position-matched baselines
+    (:mod:`analysis.correlation`); AUROC and the within-ring (position-controlled) AUROC vs 0.5; point-biserial r
+    vs 0; AUROC (plain and within-ring) for texture (exact; else the image-derived high-frequency mask) vs
+    objects."""
+    keys = CORR_KEYS
+
+    def rows(*measures):
+        return corr[corr["measure"].isin(measures)]
+
+    out = [Comparison("iou_attention_vs_random", "correlation", rows("iou_attention", "iou_random"), keys,
+                      "measure", "iou_attention", "iou_random"),
+           Comparison("iou_attention_vs_random_position", "correlation",
+                      rows("iou_attention", "iou_random_position"), keys, "measure", "iou_attention",
+                      "iou_random_position"),
+           Comparison("auroc_vs_chance", "correlation", rows("auroc"), keys, "measure", "auroc", against=0.5),
+           Comparison("auroc_ring_vs_chance", "correlation", rows("auroc_ring"), keys, "measure", "auroc_ring",
+                      against=0.5),
+           Comparison("pointbiserial_vs_0", "correlation", rows("pointbiserial_r"), keys, "measure",
+                      "pointbiserial_r", against=0.0)]
+    k2 = [k for k in keys if k != "target"]
+    for measure, name in (("auroc", "auroc_texture_vs_object"), ("auroc_ring", "auroc_ring_texture_vs_object")):
+        for _, g in rows(measure).groupby("mode", observed=True):
+            tex = "texture" if "texture" in set(g["target"]) else "highfreq"
+            out.append(Comparison(name, "correlation", g[g["target"].isin([tex, "object"])], k2, "target", tex,
+                                  "object", extra={"target": tex}))
+    return out
+
+
+def frequency_stats(freq: pd.DataFrame, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Every :func:`frequency_comparisons` over all its groups."""
+    out = [c.run(test=test, n_boot=n_boot, seed=seed) for c in frequency_comparisons(freq)]
+    return pd.concat([o for o in out if len(o)], ignore_index=True)
 
 
 def correlation_stats(corr: pd.DataFrame, *, test: str = "wilcoxon", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Exp. C comparisons (Sec. 2.4): attention vs random-mask IoU; AUROC vs 0.5; point-biserial r vs 0; AUROC
-    for texture (exact; else the image-derived high-frequency mask) vs AUROC for objects."""
-    keys = ["mode", "target", "layer", "patch", "psi", "step", "t"]
-    kw = dict(test=test, n_boot=n_boot, seed=seed)
-    iou = corr[corr["measure"].isin(["iou_attention", "iou_random"])]
-    free = corr[corr["measure"].isin(["auroc", "pointbiserial_r"])]
-    out = [compare_groups(iou, keys, "measure", "iou_attention", "iou_random", **kw)
-           .assign(comparison="iou_attention_vs_random"),
-           compare_groups(free, keys, "measure", "auroc", against=0.5, **kw).assign(comparison="auroc_vs_chance"),
-           compare_groups(free, keys, "measure", "pointbiserial_r", against=0.0, **kw)
-           .assign(comparison="pointbiserial_vs_0")]
-    auc = corr[corr["measure"] == "auroc"]
-    k2 = [k for k in keys if k != "target"]
-    for _, g in auc.groupby("mode"):
-        tex = "texture" if "texture" in set(g["target"]) else "highfreq"
-        res = compare_groups(g[g["target"].isin([tex, "object"])], k2, "target", tex, "object", **kw)
-        out.append(res.assign(target=tex, comparison="auroc_texture_vs_object"))
-    return pd.concat([o for o in out if len(o)], ignore_index=True).assign(study="correlation")
+    """Every :func:`correlation_comparisons` over all its groups."""
+    out = [c.run(test=test, n_boot=n_boot, seed=seed) for c in correlation_comparisons(corr)]
+    return pd.concat([o for o in out if len(o)], ignore_index=True)
 
 
 def stats_table(freq: pd.DataFrame | None, corr: pd.DataFrame | None, *, test: str = "wilcoxon", n_boot: int = 2000,
                 seed: int = 0) -> pd.DataFrame:
-    """The ``stats`` table: every comparison with n, effect (mean paired difference), bootstrap CI, p and Holm's
-    p within each family (:data:`FAMILY`: one kind of comparison on one image set, across layers, patch sizes,
-    psi, steps and frequency bins)."""
+    """The ``stats`` table: every comparison with n, n_empty, effect (mean paired difference), bootstrap 95 % CI,
+    sd of the paired differences, p and Holm's p within each family (:data:`FAMILY`: one kind of comparison on
+    one image set, across layers, patch sizes, psi, steps and frequency bins). These p_holm serve the
+    exploratory view only; the claims' verdicts use a family of their primary scopes (:mod:`analysis.claims`)."""
     kw = dict(test=test, n_boot=n_boot, seed=seed)
     parts = []
     if freq is not None and len(freq):

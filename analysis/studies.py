@@ -13,11 +13,13 @@ dividing the image) uses the received mass average-pooled by p / p0, so one laye
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from analysis.correlation import correlate, pool_received
 from analysis.frequency import analyse_frequency, patch_spectra
@@ -48,6 +50,7 @@ class Settings:
     alpha: float = 0.05
     seed: int = 0
     min_fraction: float = 0.5  # token = object when >= this fraction of its pixels are object
+    progress: bool | None = None  # tqdm bars on stderr over steps; None: only when stderr is a terminal
 
     def __post_init__(self) -> None:
         self.psis = [check_psi(float(p)) for p in self.psis]
@@ -66,6 +69,11 @@ class Settings:
             raise SagConfigError(f"alpha={self.alpha}, min_fraction={self.min_fraction}, random_draws="
                                  f"{self.random_draws}, n_boot={self.n_boot}; accepted: 0<alpha<1, "
                                  "0<min_fraction<=1, positive draws and resamples")
+
+
+def _quiet(settings: Settings) -> bool | None:
+    """tqdm's ``disable``: None lets tqdm decide (off when stderr is not a terminal)."""
+    return None if settings.progress is None else not settings.progress
 
 
 def open_records(root: str | Path) -> RecordReader:
@@ -165,7 +173,7 @@ def study_frequency(records: RecordArrays, images: np.ndarray, settings: Setting
     grids = layer_grids(reader)
     final_spectra: dict[int, np.ndarray] = {}
     prof_parts, surf_parts = Collector(), Collector()
-    for step in steps:
+    for step in tqdm(steps, desc="Exp. B frequency (steps)", file=sys.stderr, disable=_quiet(settings)):
         x0 = records.get("", "x0", step) if "x0" in settings.sources else None
         x0_spectra: dict[int, np.ndarray] = {}
         for layer, grid in grids.items():
@@ -195,7 +203,7 @@ def study_correlation(records: RecordArrays, targets: dict[str, np.ndarray], mod
     steps = steps if steps is not None else reader.steps
     ts = step_times(reader, steps)
     parts = Collector()
-    for step in steps:
+    for step in tqdm(steps, desc=f"Exp. C {mode} (steps)", file=sys.stderr, disable=_quiet(settings)):
         for layer, grid in layer_grids(reader).items():
             received = records.get(layer, "received", step)
             for patch, factor in layer_patches(grid, image_hw, settings.patch_sizes):

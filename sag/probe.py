@@ -14,8 +14,13 @@ their ``step`` column the **t index** (``t_index`` = k, the position of t in ``t
 holds t itself). :func:`analysis.driver.scene_correlation` reads them back under those names; the
 ``object_correlation`` rows of mode "scenes" keep the table's ``seed`` / ``step`` columns with these meanings.
 
-``segment_images`` / ``write_sample_masks`` run the shipped object segmenter (the stand-in for the paper's
-Mask R-CNN) on generated images and store the masks as ``.npz`` (seeds, object_mask) for the analysis.
+``segment_images`` runs the shipped object segmenter (the stand-in for the paper's Mask R-CNN) on generated images;
+``write_sample_masks`` stores a run's sample masks (the segmenter's, or those of another source such as the user's
+files: analysis.masks_source) as ``.npz`` (seeds, object_mask, source) for the analysis and the figures.
+
+The scenes and the segmenter belong to the embedded domain (:mod:`sag.domains`): ``probe_scenes`` refuses a model
+that does not declare it; ``segment_images`` sees images only, so its callers check the model
+(:func:`analysis.driver.run_studies`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from sag.capture import capture_attention
 from sag.data.scenes import SIZE, make_scenes
+from sag.domains import DECLARE, require_domain
 from sag.errors import SagConfigError
 from sag.io import atomic_path
 from sag.models.base import DiffusionModel
@@ -57,7 +63,9 @@ def probe_scenes(model: DiffusionModel, out_dir: str | Path, *, layers: Sequence
                  data_seed: int = 3, start: int = 0, count: int = 32, batch_size: int = 32, noise_seed: int = 0,
                  reductions: Sequence[str] = ("received",), dtype: str = "float32") -> Path:
     """Capture attention on ``count`` scenes of dataset ``data_seed`` noised to each t in ``ts``; returns
-    ``out_dir``. Class-conditional models get the scene's label (the class of its largest object)."""
+    ``out_dir``. Class-conditional models get the scene's label (the class of its largest object). The model must
+    declare the embedded domain (:func:`sag.domains.require_domain`)."""
+    require_domain(model, "the scenes probe (correlation_modes=[scenes])", ["correlation_modes=[samples]", DECLARE])
     _check_scene_model(model, "the scenes probe")
     if count <= 0 or batch_size <= 0:
         raise SagConfigError(f"scenes count={count}, batch_size={batch_size}; accepted: positive integers")
@@ -115,9 +123,13 @@ def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None,
     return torch.cat([segmenter.predict_mask(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 
-def write_sample_masks(path: str | Path, seeds: Sequence[int], images: np.ndarray) -> Path:
-    """Segment generated ``images`` and store ``seeds`` and ``object_mask`` in ``path`` (.npz)."""
+def write_sample_masks(path: str | Path, seeds: Sequence[int], images: np.ndarray, masks: np.ndarray | None = None,
+                       source: str = "embedded") -> Path:
+    """Store ``seeds``, ``object_mask`` (n, H, W) bool and ``source`` (where the masks come from, as the tables'
+    ``object_masks`` column) in ``path`` (.npz). ``masks`` None: segment the generated ``images`` with the embedded
+    segmenter (source "embedded")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _savez(path, seeds=np.asarray(seeds), object_mask=segment_images(images))
+    masks = segment_images(images) if masks is None else np.asarray(masks, dtype=bool)
+    _savez(path, seeds=np.asarray(seeds), object_mask=masks, source=np.asarray(source))
     return path

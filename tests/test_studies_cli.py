@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import cli
 
 from analysis.driver import ClaimsSettings, StudiesResult, check_studies
 from analysis.schemas import TABLES
@@ -17,24 +18,25 @@ def studies(*args, cwd=None):
                           cwd=cwd, timeout=600)
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path):
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    res = studies("debug=tiny", f"run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'out'}")
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().startswith("error:") and "no attention records" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
-    res = studies("debug=tiny", f"run_dir={tmp_path / 'run'}", "analysis.psis=[1.0,0]",
-                  f"paths.output_dir={tmp_path / 'out'}")
-    assert res.returncode == 2 and "psi=0.0" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    code, err, _ = cli(capsys, "studies", "debug=tiny", f"run_dir={tmp_path / 'run'}",  # in-process
+                       f"paths.output_dir={tmp_path / 'out'}")
+    assert code == 2, err
+    assert err.strip().startswith("error:") and "no attention records" in err
+    assert len(err.strip().splitlines()) == 1
+    code, err, _ = cli(capsys, "studies", "debug=tiny", f"run_dir={tmp_path / 'run'}", "analysis.psis=[1.0,0]",
+                       f"paths.output_dir={tmp_path / 'out'}")
+    assert code == 2 and "psi=0.0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_driver_checks_names_and_claims_settings():
     assert check_studies(("timesteps",), ("samples",)) == (["timesteps"], ["samples"])
     with pytest.raises(SagConfigError, match=r"\['colour'\]"):
         check_studies(["colour"], ["samples"])
-    with pytest.raises(SagConfigError, match="claims.step='first'"):
-        ClaimsSettings(min_n=10, step="first")
-    assert ClaimsSettings(min_n=10, step=3).step == 3
+    with pytest.raises(SagConfigError, match="claims.min_n=0"):
+        ClaimsSettings(primary={"layer": "mid_block.*"}, min_n=0)
+    assert ClaimsSettings(primary={"layer": "mid_block.*"}, min_n=3).primary.layer == "mid_block.*"
 
 
 def test_samples_analysis_time_counts_stats_only_without_the_scenes_mode():
@@ -50,7 +52,10 @@ def test_samples_analysis_time_counts_stats_only_without_the_scenes_mode():
 @pytest.mark.slow
 def test_studies_end_to_end_both_modes(tmp_path):
     out = tmp_path / "run"
-    res = studies("debug=tiny", "seeds=0-3", "steps=2", "batch_size=4", "scenes.count=8", "scenes.t=[200,600]",
+    # tiny_pixel_cond: the random model that declares the embedded domain (test stand-in, sag.domains); debug=tiny's
+    # tiny_pixel declares none, so the scenes probe and the segmenter are refused on it (tests/test_domains.py)
+    res = studies("debug=tiny", "model=tiny_pixel_cond", "seeds=0-3", "steps=2", "batch_size=4", "scenes.count=8",
+                  "scenes.t=[200,600]",
                   "analysis.patch_sizes=[2,4,8]", "analysis.random_draws=20", "analysis.n_boot=200",
                   f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -60,6 +65,7 @@ def test_studies_end_to_end_both_modes(tmp_path):
         assert len(df) and f"{name}: {out / 'tables' / name}.parquet" in res.stdout
     corr = read_table(out, "object_correlation")
     assert set(corr["mode"]) == {"scenes", "samples"}
+    assert set(corr.groupby("mode")["object_masks"].unique().map(tuple)) == {("exact",), ("embedded",)}
     assert set(corr.loc[corr["mode"] == "scenes", "t"]) == {200.0, 600.0}
     assert set(corr["target"]) >= {"object", "texture", "highfreq"}
     # no silently dropped rows: every (mode, step, layer, patch, target) has each measure for every image
@@ -72,8 +78,13 @@ def test_studies_end_to_end_both_modes(tmp_path):
     stats = read_table(out, "stats")
     assert (stats["p_holm"].dropna() >= stats["p"].dropna().loc[stats["p_holm"].notna()]).all()
     claims = read_table(out, "claims")
-    assert set(claims["verdict"]) <= {"confirmed", "not confirmed", "inconclusive"}
+    assert set(claims["verdict"]) <= {"supported", "not shown", "contradicted", ""}
     assert np.isin(["B1", "B2", "B3", "C1", "C2", "C3"], claims["claim_id"]).all()
+    prim = claims[claims["scope"] == "primary"]
+    assert len(prim) == 6 and set(prim["layer"]) == {"mid_block.attentions.0"}  # tiny_pixel's model_guidance layer
+    check = subprocess.run([sys.executable, "-m", "analysis.claims", "--check", str(out)], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.startswith("ok:"), check.stdout + check.stderr
     # a second call on the run dir re-analyses without capturing
     again = studies("debug=tiny", f"run_dir={out}", "correlation_modes=[samples]", "analysis.sources=[final]",
                     "analysis.random_draws=20", "analysis.n_boot=200", f"paths.output_dir={tmp_path / 'o2'}")

@@ -43,8 +43,8 @@ def test_mask_covering_the_object_gives_iou_one_and_beats_random():
     assert (df[df.measure == "iou_random"].value < 0.6).all()
     assert np.allclose(df[df.measure == "auroc"].value, 1.0)  # default rtol: float64 rank sums
     assert (df[df.measure == "pointbiserial_r"].value > 0.99).all()
-    assert v.size().to_dict() == {"auroc": 6, "iou_attention": 6, "iou_random": 6, "mask_area": 6,
-                                  "pointbiserial_r": 6}
+    assert v.size().to_dict() == {"auroc": 6, "auroc_ring": 6, "iou_attention": 6, "iou_random": 6,
+                                  "iou_random_position": 6, "mask_area": 6, "pointbiserial_r": 6}
 
 
 def test_attention_on_texture_not_objects_is_told_apart():

@@ -4,6 +4,11 @@ Their query/key projections are scaled up (``attn_sharpness``) so that random at
 non-uniform: with default init the scores q.k are ~0 and every attention row is nearly flat, which makes
 masks that threshold received attention at its mean (SAG, psi = 1.0) degenerate. With the factor 2 about
 30-40% of tokens receive above-mean attention and the peak token receives 3-10x the mean.
+
+Domains (sag.domains): ``tiny_pixel_cond`` declares the embedded domain as a TEST STAND-IN (a random
+class-conditional model of the same 32x32 RGB domain, so that the main job's ``main_scale=tiny`` and the tests
+run the scenes probe, segmenter and scene classifier end to end; its verdicts and metrics mean nothing).
+``tiny_pixel``, ``tiny_sd`` and the others declare none: they are the "foreign model" of the tests.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 
+from sag.domains import EMBEDDED
 from sag.models.base import DiffusionModel
 
 # The training schedule of google/ddpm-cifar10-32 (linear betas 1e-4..0.02, 1000 steps).
@@ -95,7 +101,8 @@ def load_tiny_pixel_cond(
     attn_sharpness: float = 2.0,
     seed: int = 0,
 ) -> DiffusionModel:
-    """Class-conditional; label ``num_classes`` is the null class (for classifier-free guidance)."""
+    """Class-conditional; label ``num_classes`` is the null class (for classifier-free guidance). Declares the
+    embedded domain as a test stand-in (module docstring)."""
 
     def make():
         net = tiny_pixel_unet(num_class_embeds=num_classes + 1, sample_size=sample_size)
@@ -104,6 +111,7 @@ def load_tiny_pixel_cond(
 
     return DiffusionModel(
         name="tiny_pixel_cond",
+        domain=EMBEDDED,  # test stand-in (module docstring)
         net=_build(seed, make),
         alphas_cumprod=_alphas_cumprod(PIXEL_SCHEDULE),
         prediction_type=prediction_type,
