@@ -3,12 +3,16 @@
 ``render_notebook(script, run_dir, out_html)``: jupytext reads the script, a cell that sets ``RUN_DIR`` (and
 any extra parameters) is injected after the cell tagged ``parameters`` (papermill style), nbclient executes it
 on the ``python3`` kernel of the current interpreter with ``SAG_RUN_DIR`` in its environment, and nbconvert
-writes standalone HTML. Nothing touches the network.
+writes standalone HTML without the code (``exclude_input``: the jupytext source keeps it) and without warnings:
+the kernel starts with ``TQDM_DISABLE=1`` (no progress bars), and stderr streams, where Python warnings and logging
+go, are left out of the HTML and echoed to this process's stderr instead (so nothing is lost, only moved off the
+page). Nothing touches the network.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +41,13 @@ def _parameter_cell(params: dict) -> str:
 
 
 def render_notebook(script_path: str | Path, run_dir: str | Path, out_html: str | Path, *,
-                    params: dict | None = None, timeout: int = 600, ipynb: str | Path | None = None) -> Path:
+                    params: dict | None = None, timeout: int = 600, ipynb: str | Path | None = None,
+                    title: str | None = None) -> Path:
     """Execute the jupytext script ``script_path`` on ``run_dir`` and write ``out_html``; returns its path.
 
     ``params``: further parameters to inject (e.g. ``{"CAPTURE_DIR": ..., "SWEEP_DIR": ...}``); ``ipynb``:
-    also save the executed notebook there. Raises nbclient's ``CellExecutionError`` if a cell fails."""
+    also save the executed notebook there (with its code and stderr); ``title``: the page title (default: the
+    script's stem). Raises nbclient's ``CellExecutionError`` if a cell fails."""
     import jupytext
     import nbformat
     from nbclient import NotebookClient
@@ -54,7 +60,7 @@ def render_notebook(script_path: str | Path, run_dir: str | Path, out_html: str 
     at = next((i + 1 for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), 0)
     nb.cells.insert(at, cell)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    env = dict(os.environ, SAG_RUN_DIR=values["RUN_DIR"], MPLBACKEND="Agg")
+    env = dict(os.environ, SAG_RUN_DIR=values["RUN_DIR"], MPLBACKEND="Agg", TQDM_DISABLE="1")
     old = dict(os.environ)
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
@@ -65,11 +71,40 @@ def render_notebook(script_path: str | Path, run_dir: str | Path, out_html: str 
         os.environ.update(old)
     if ipynb is not None:
         nbformat.write(nb, str(ipynb))
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    _drop_stderr(nb, script.name)
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or script.stem}})
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(body, encoding="utf-8")
     return out
+
+
+def render_reports(scripts: dict[str, Path], run_dir: str | Path, *, params: dict | None = None) -> list[Path]:
+    """Render each jupytext script of ``scripts`` ({name: path}) on ``run_dir`` to ``<run_dir>/report/<name>.html``
+    (printing "report: <path>" per page), then write ``<run_dir>/index.html`` (:mod:`analysis.index_page`).
+    ``params``: further notebook parameters (e.g. CAPTURE_DIR, SWEEP_DIR). Returns the pages, the index last."""
+    from analysis.index_page import write_index
+
+    run_dir = Path(run_dir)
+    pages = []
+    for name, script in scripts.items():
+        pages.append(render_notebook(script, run_dir, run_dir / "report" / f"{name}.html", params=params))
+        print(f"report: {pages[-1]}", flush=True)
+    return pages + [write_index(run_dir)]
+
+
+def _drop_stderr(nb, name: str) -> None:
+    """Remove stderr stream outputs from ``nb`` in place, echoing them to this process's stderr."""
+    for cell in nb.cells:
+        keep = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                print(f"[{name}] {out.get('text', '')}", end="", file=sys.stderr)
+            else:
+                keep.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = keep
 
 
 def show(fig):

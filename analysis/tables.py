@@ -2,7 +2,8 @@
 
 Every analysis reads through :func:`read_table`, which names the file and what is wrong, and writes through
 :func:`write_table` (atomic). :func:`check_rows` guards a transformation against silently dropped rows.
-:func:`format_metric_table` renders a metrics table as text, one line per setting.
+:func:`format_metric_table` renders a metrics table as text, one line per setting; :func:`format_differences`
+says which settings differ from unguided (paired deltas).
 """
 
 from __future__ import annotations
@@ -57,10 +58,41 @@ def check_rows(before: pd.DataFrame, after: pd.DataFrame, what: str, expected: i
     return after
 
 
-def format_metric_table(df: pd.DataFrame, keys: list[str]) -> str:
+def format_metric_table(df: pd.DataFrame, keys: list[str], value: str = "value") -> str:
     """A metrics table (metric, value, ci_low, ci_high rows) as text: one line per ``keys`` group, one
-    "value [ci_low, ci_high]" column per metric, in the table's order."""
-    cell = df.assign(cell=[f"{v:.4g} [{lo:.3g}, {hi:.3g}]" for v, lo, hi in zip(df.value, df.ci_low, df.ci_high)])
+    "value [ci_low, ci_high]" column per metric, in the table's order. ``value="delta"`` shows the paired deltas
+    (delta [delta_ci_low, delta_ci_high]) instead."""
+    v, lo, hi = (df[value], df["ci_low"], df["ci_high"]) if value == "value" else (
+        df[value], df[f"{value}_ci_low"], df[f"{value}_ci_high"])
+    cell = df.assign(cell=[f"{a:.4g} [{b:.3g}, {c:.3g}]" for a, b, c in zip(v, lo, hi)])
     wide = cell.pivot_table(index=keys, columns="metric", values="cell", aggfunc="first", sort=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 200):
         return wide.reset_index().to_string(index=False)
+
+
+DELTA_METRICS = ("fd", "precision", "recall", "class_accuracy")
+
+
+def setting_label(guidance: str, scale: float, window: str = "full") -> str:
+    """A guidance setting in words, e.g. "sag 0.5" or "sag 0.5 every 2" (figure legends, summaries)."""
+    return f"{guidance} {scale:g}" + ("" if window in ("full", "", None) else f" {window}")
+
+
+def format_differences(df: pd.DataFrame, metrics: Iterable[str] = DELTA_METRICS, detail: bool = True) -> str:
+    """One line per metric of a quality / frontier table with paired deltas: "fd: k of m settings differ from
+    unguided (paired 95% CI of the delta excludes 0): sag 1 -2.1 [-3.4, -0.9], ...". The unguided setting itself
+    (``setting`` "none", or guidance "none") is not counted; settings are (guidance, scale, window).
+    ``detail=False`` leaves out the list of differing settings."""
+    lines = []
+    df = df if "window" in df.columns else df.assign(window="full")
+    guided = df[(df["guidance"] != "none") & (df.get("setting", df["guidance"]) != "none")]
+    for metric in metrics:
+        m = guided[guided["metric"] == metric].drop_duplicates(["guidance", "scale", "window"])
+        if m.empty:
+            continue
+        hits = m[m["differs"].astype(bool)]
+        cells = [f"{setting_label(r.guidance, r.scale, r.window)} {r.delta:+.3g} [{r.delta_ci_low:.3g}, "
+                 f"{r.delta_ci_high:.3g}]" for r in hits.itertuples()]
+        lines.append(f"{metric}: {len(hits)} of {len(m)} settings differ from unguided (paired bootstrap CI of the "
+                     f"delta excludes 0)" + (": " + ", ".join(cells) if cells and detail else ""))
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.schemas import validate
-from analysis.tables import format_metric_table, write_table
+from analysis.tables import format_differences, format_metric_table, write_table
 from experiments.common import build_model, build_scheduler, conditions, plain, run_inputs, select, user_errors
 from sag import sweep
 
@@ -42,11 +42,15 @@ def run_sweep(cfg: DictConfig, make_settings, keys: tuple[str, ...], table: str,
         print(f"{what}: {len(settings)} settings x {len(prep.run.seeds)} paired seeds on {prep.model.name} "
               f"({prep.run.steps} steps) -> {out}")
         fns = sweep.build_settings(prep.model, settings, prep.run.size, sag=plain(cfg.sag),
-                                   classifier_dir=cfg.get("classifier"))
+                                   family=plain(cfg.family_options), classifier_dir=cfg.get("classifier"))
         df = sweep.evaluate_settings(prep, out, settings, fns, progress=cfg.progress)
         path = write_table(validate(df, table), out, table)
     if cfg.get("inception_weights") is None:
         print("inception_weights=null: standard Inception FID/IS skipped (point it to a local weights file)")
-    print(format_metric_table(df, ["guidance", "window", "scale", "calls_per_image"]))
+    keys = ["guidance", "window", "scale", "calls_per_image"]
+    print(format_metric_table(df, keys))
+    print("\npaired delta vs unguided (same seeds, same bootstrap draws):")
+    print(format_metric_table(df, keys, value="delta"))
+    print(format_differences(df))
     print(f"table: {path}\nsamples: {out / 'settings'}/<setting>/samples")
     return df

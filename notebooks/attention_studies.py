@@ -13,29 +13,26 @@
 
 # %% [markdown]
 # # Self-attention inside the diffusion model: the studies behind SAG
-#
-# Hong et al. (arXiv 2210.00939, v1-v3) motivate Self-Attention Guidance with three observations on the
-# self-attention maps of a diffusion UNet. A token's *received attention* (head-mean attention summed over
-# queries; mean 1 over tokens) thresholded at ψ × mean gives the mask M_t that SAG blurs.
-#
-# * **Exp. A** — masks compared by eye: object masks, high-frequency masks and attention masks.
-# * **Exp. B** — Fourier spectra of image patches under masked vs unmasked tokens: masked patches should
-#   carry more (especially high-frequency) energy, more so for the stricter ψ = 1.3.
-# * **Exp. C** — IoU of attention masks with object masks vs random masks of the same size (paper: +39 to
-#   +150 %, absolute IoU 0.10-0.26), and AUROC of received attention for objects and for textures.
-# * **Over timesteps** — how entropy, mask area and mask stability evolve along the trajectory.
-#
-# Everything below reads stored tables / records of a run dir; nothing is sampled here.
+# Hong et al. (arXiv 2210.00939) motivate SAG with the self-attention maps of a diffusion UNet: a token's received
+# attention (head mean, summed over queries; mean 1) above ψ × mean gives the mask M_t that SAG blurs.
 
 # %%
 from pathlib import Path
 
-import pandas as pd
-from IPython.display import Markdown, display
+from IPython.display import HTML, display
 
-from analysis.figures import fig_attention_stats, fig_frequency, fig_masks, fig_objects, fig_timeline
+from analysis import report_html as rh
+from analysis.figures import (
+    captions,
+    fig_attention_stats,
+    fig_claims,
+    fig_frequency,
+    fig_masks,
+    fig_objects,
+    fig_timeline,
+)
 from analysis.figures.inputs import capture_inputs, stored_object_masks
-from analysis.report import available_tables, default_run_dir, show, table_or_none
+from analysis.report import available_tables, default_run_dir, table_or_none
 
 # %% tags=["parameters"]
 RUN_DIR = None      # a run dir with tables/ (default: $SAG_RUN_DIR, else the latest run under outputs/main/)
@@ -45,36 +42,38 @@ CAPTURE_DIR = None  # a capture run with records/ for the image figures (default
 RUN_DIR = Path(RUN_DIR) if RUN_DIR else default_run_dir()
 CAPTURE_DIR = Path(CAPTURE_DIR) if CAPTURE_DIR else RUN_DIR
 DIRS = [RUN_DIR, CAPTURE_DIR]
-pd.set_option("display.max_colwidth", 80)
-print(f"run dir: {RUN_DIR}\ntables: {available_tables(RUN_DIR) or 'none'}")
+display(HTML(rh.header(RUN_DIR, {"capture": CAPTURE_DIR}, available_tables(RUN_DIR))))
+
+# %% [markdown]
+# ## Summary: the paper's claims
+# Each claim is tested once, in a primary scope fixed in config before the data (Holm over the primaries; verdicts
+# supported / not shown / contradicted, analysis.claims). Everything else is exploratory (end of the page).
+
+# %%
+claims = table_or_none(DIRS, "claims")
+if claims is not None:
+    display(HTML(rh.claims_table(claims)))
+    display(HTML(rh.figure(fig_claims.plot(claims), "Figure 0. " + fig_claims.caption(claims))))
+else:
+    print("no claims table yet: run the studies")
 
 # %% [markdown]
 # ## Exp. A: what do the masks cover?
-#
-# Columns are generated images; rows the object mask (the domain segmenter's masks that the object study stored
-# in `studies/sample_masks.npz`, for the 32 px embedded domain), the high-frequency mask that Exp. C measures
-# (pixels whose high-pass magnitude is in the image's top quarter, `sag.masks.high_frequency_mask`) and the
-# attention mask at token resolution (`sag.masks.attention_token_mask`).
 
 # %%
 records = CAPTURE_DIR is not None and (Path(CAPTURE_DIR) / "records" / "meta.json").is_file()
 if records:
     inp = capture_inputs(CAPTURE_DIR, n_seeds=4, n_steps=5)
     objs, note = stored_object_masks([CAPTURE_DIR, RUN_DIR], sorted(inp["final_maps"]))
-    print(note)
-    display(show(fig_masks.plot(inp["images"], inp["final_maps"], objs, layer=inp["layer"],
-                                note="" if objs is not None else note)))
-    display(fig_masks.data(inp["images"], inp["final_maps"], objs).round(3))
+    note = note.replace(str(CAPTURE_DIR), rh.rel(CAPTURE_DIR, RUN_DIR)).replace(str(RUN_DIR), ".")
+    fig = fig_masks.plot(inp["images"], inp["final_maps"], objs, layer=inp["layer"], note="" if objs is not None
+                         else note)
+    text = captions.caption(fig_masks, inp["images"], inp["final_maps"], objs)
+    display(HTML(rh.figure(fig, f"Figure 2. {text} Layer {inp['layer']}; {note}.")))
+    fig = fig_timeline.plot(inp["panels"], inp["images"], inp["x0"], inp["maps"])
+    display(HTML(rh.figure(fig, "Figure 1. " + captions.caption(fig_timeline, inp["panels"]))))
 else:
-    print(f"no records under {CAPTURE_DIR}: set CAPTURE_DIR to a capture run for the image figures")
-
-# %% [markdown]
-# ### The mask along the trajectory
-# x0 estimates (top rows) and masks over them (bottom rows) at a few sampler steps.
-
-# %%
-if records:
-    display(show(fig_timeline.plot(inp["panels"], inp["images"], inp["x0"], inp["maps"])))
+    print(f"no records under {rh.rel(CAPTURE_DIR, RUN_DIR)}: set CAPTURE_DIR to a capture run for the image figures")
 
 # %% [markdown]
 # ## Exp. B: spectra of masked vs unmasked patches
@@ -82,13 +81,8 @@ if records:
 # %%
 frequency, surface = table_or_none(DIRS, "frequency"), table_or_none(DIRS, "frequency_surface")
 if frequency is not None:
-    display(show(fig_frequency.plot(frequency, surface)))
-    curves = fig_frequency.data(frequency)
-    ratio = (curves.pivot_table(index=["patch", "freq"], columns="series", values="mean"))
-    if {"masked (ψ=1.0)", "unmasked (ψ=1.0)"} <= set(ratio.columns):
-        ratio = (ratio["masked (ψ=1.0)"] / ratio["unmasked (ψ=1.0)"]).rename("masked / unmasked").reset_index()
-        display(Markdown("Ratio of mean magnitudes, masked / unmasked at ψ = 1.0 (paper v1 (a): 1.18 -> 1.36):"))
-        display(ratio.pivot_table(index="patch", columns="freq", values="masked / unmasked").round(2))
+    display(HTML(rh.figure(fig_frequency.plot(frequency, surface),
+                           "Figure 3. " + captions.caption(fig_frequency, frequency, surface))))
 else:
     print("no frequency table: run the frequency study")
 
@@ -98,10 +92,7 @@ else:
 # %%
 objects = table_or_none(DIRS, "object_correlation")
 if objects is not None:
-    display(show(fig_objects.plot(objects)))
-    d = fig_objects.data(objects)
-    display(d[d["panel"] == "iou"].pivot_table(index=["patch", "psi"], columns="measure",
-                                               values="mean").round(3))
+    display(HTML(rh.figure(fig_objects.plot(objects), "Figure 4. " + captions.caption(fig_objects, objects))))
 else:
     print("no object_correlation table: run the object study")
 
@@ -111,22 +102,16 @@ else:
 # %%
 timesteps = table_or_none(DIRS, "attention_timesteps")
 if timesteps is not None:
-    display(show(fig_attention_stats.plot(timesteps)))
+    display(HTML(rh.figure(fig_attention_stats.plot(timesteps),
+                           "Figure 5. " + captions.caption(fig_attention_stats, timesteps))))
 else:
     print("no attention_timesteps table: run the timestep study")
 
 # %% [markdown]
-# ## Statistical tests and the claims
-#
-# Every comparison is a paired test over images with a bootstrap CI and a Holm correction; each claim of the
-# paper gets a verdict (confirmed / not confirmed / inconclusive).
+# ## Exploratory scopes of the claims
+# Unadjusted, no verdicts: where else (layers, t, psi, patch sizes, image sets) each comparison goes the paper's
+# way (↑: 95 % CI above 0) or the opposite way (↓). Cells: median effect over the scopes of that layer and t band.
 
 # %%
-stats = table_or_none(DIRS, "stats")
-if stats is not None:
-    display(stats.round(4))
-claims = table_or_none(DIRS, "claims")
 if claims is not None:
-    display(claims.round(4))
-else:
-    print("no claims table yet")
+    display(HTML(rh.exploratory(claims)))

@@ -13,21 +13,18 @@
 
 # %% [markdown]
 # # Self-Attention Guidance: report
-#
-# SAG (Hong et al., arXiv 2210.00939) blurs the x0 estimate where the self-attention mask M_t is on, re-noises
-# it, and steers away from the model's prediction on that degraded input:
-# ε̃ = ε(x_t) + s (ε(x_t) − ε(x̄_t)) (paper Eq. 16; the official code's flag is 1 + s). Blur guidance is the
-# same with a mask of ones. This report shows, for one run dir: the claims table, images of the same seeds
-# under each guidance setting, quality against scale (SAG vs blur), the quality-cost frontier, and the cost.
+# SAG (Hong et al., arXiv 2210.00939) steers away from the model's prediction on an input blurred where the
+# self-attention mask is on: ε̃ = ε(x_t) + s (ε(x_t) − ε(x̄_t)) (paper Eq. 16; the official flag is 1 + s).
 
 # %%
 from pathlib import Path
 
-from IPython.display import display
+from IPython.display import HTML, display
 
-from analysis.figures import fig_cost, fig_qualitative, fig_quality
+from analysis import report_html as rh
+from analysis.figures import captions, fig_claims, fig_cost, fig_qualitative, fig_quality
 from analysis.figures.inputs import sweep_images
-from analysis.report import available_tables, default_run_dir, show, table_or_none
+from analysis.report import available_tables, default_run_dir, table_or_none
 
 # %% tags=["parameters"]
 RUN_DIR = None    # a run dir with tables/ (default: $SAG_RUN_DIR, else the latest run under outputs/main/)
@@ -37,40 +34,52 @@ SWEEP_DIR = None  # a sample sweep (one sub-run per guidance setting) for the im
 RUN_DIR = Path(RUN_DIR) if RUN_DIR else default_run_dir()
 SWEEP_DIR = Path(SWEEP_DIR) if SWEEP_DIR else RUN_DIR
 DIRS = [RUN_DIR, SWEEP_DIR]
-print(f"run dir: {RUN_DIR}\ntables: {available_tables(RUN_DIR) or 'none'}")
+display(HTML(rh.header(RUN_DIR, {"sweep": SWEEP_DIR}, available_tables(RUN_DIR))))
 
 # %% [markdown]
-# ## Claims
-# One row per finding of the paper, with the measured effect, its CI and a verdict.
+# ## Summary: the paper's claims
 
 # %%
 claims = table_or_none(DIRS, "claims")
-display(claims.round(4) if claims is not None else "no claims table yet")
+if claims is not None:
+    display(HTML(rh.claims_table(claims)))
+else:
+    print("no claims table yet: run the studies")
+
+# %% [markdown]
+# ## Summary: each guidance setting against unguided, and its cost
+
+# %%
+quality, frontier, bench = (table_or_none(DIRS, n) for n in ("quality", "frontier", "bench"))
+if quality is not None:
+    display(HTML(rh.quality(quality, bench, frontier)))
+else:
+    print("no quality table yet: run experiments.evaluate")
+
+# %%
+if claims is not None:
+    display(HTML(rh.figure(fig_claims.plot(claims), "Figure 0. " + fig_claims.caption(claims))))
 
 # %% [markdown]
 # ## The same seeds under each guidance setting
-# Columns: settings (unguided, SAG, blur, CFG / CG alone and with SAG where run); rows: seeds.
 
 # %%
 images = sweep_images(SWEEP_DIR) if SWEEP_DIR and any(Path(SWEEP_DIR).glob("*/run.json")) else {}
 if images:
     seeds = sorted(set.intersection(*[set(v) for v in images.values()]))[:4]
-    display(show(fig_qualitative.plot({k: {s: v[s] for s in seeds} for k, v in images.items()}, seeds)))
+    images = {k: {s: v[s] for s in seeds} for k, v in images.items()}
+    display(HTML(rh.figure(fig_qualitative.plot(images, seeds),
+                           "Figure 6. " + captions.caption(fig_qualitative, images, seeds))))
 else:
-    print(f"no sample sweep under {SWEEP_DIR}: set SWEEP_DIR")
+    print(f"no sample sweep under {rh.rel(SWEEP_DIR, RUN_DIR)}: set SWEEP_DIR")
 
 # %% [markdown]
 # ## Quality against guidance scale, and the quality-cost frontier
-# Fréchet distance on the domain classifier's features (lower is better), precision / recall, class accuracy;
-# bands are bootstrap 95 % CIs over seeds. The frontier puts each guidance window (full, windows, every k-th step)
-# against its model calls per image.
 
 # %%
-quality, frontier = table_or_none(DIRS, "quality"), table_or_none(DIRS, "frontier")
 if quality is not None or frontier is not None:
-    display(show(fig_quality.plot(quality, frontier)))
-    if quality is not None:
-        display(quality.pivot_table(index=["guidance", "scale"], columns="metric", values="value").round(3))
+    display(HTML(rh.figure(fig_quality.plot(quality, frontier),
+                           "Figure 7. " + fig_quality.caption(quality, frontier))))
 else:
     print("no quality / frontier tables yet")
 
@@ -78,9 +87,17 @@ else:
 # ## Cost per image
 
 # %%
-bench = table_or_none(DIRS, "bench")
 if bench is not None:
-    display(show(fig_cost.plot(bench)))
-    display(fig_cost.data(bench).round(4))
+    display(HTML(rh.figure(fig_cost.plot(bench), "Figure 8. " + fig_cost.caption(bench))))
+    display(HTML(rh.table(fig_cost.data(bench), sortable=True)))
 else:
     print("no bench table yet")
+
+# %% [markdown]
+# ## Exploratory scopes of the claims
+# Unadjusted, no verdicts: where else (layers, t, psi, patch sizes, image sets) each comparison goes the paper's
+# way (↑: 95 % CI above 0) or the opposite way (↓). Cells: median effect over the scopes of that layer and t band.
+
+# %%
+if claims is not None:
+    display(HTML(rh.exploratory(claims)))

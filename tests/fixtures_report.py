@@ -86,31 +86,50 @@ def object_correlation(seeds=SEEDS, rng=None) -> pd.DataFrame:
 
 
 def stats() -> pd.DataFrame:
-    rows = [("frequency", "masked vs unmasked", LAYERS[8], 8, 1.0, np.nan, 4, 0.21, 0.12, 0.3, 0.004, 0.012,
+    rows = [("frequency", "masked vs unmasked", LAYERS[8], 8, 1.0, np.nan, 4, 0, 0.21, 0.12, 0.3, 0.004, 0.012,
              "wilcoxon"),
-            ("objects", "iou attention vs random", LAYERS[16], 16, 1.0, np.nan, 4, 0.06, 0.02, 0.1, 0.03, 0.06,
+            ("objects", "iou attention vs random", LAYERS[16], 16, 1.0, np.nan, 4, 0, 0.06, 0.02, 0.1, 0.03, 0.06,
              "wilcoxon")]
     return pd.DataFrame(rows, columns=TABLES["stats"])
 
 
 def claims() -> pd.DataFrame:
-    rows = [("B1", "masked patches have more high-frequency energy", "+18 %", "ratio", 0.21, 0.12, 0.3, 4, 0.004,
-             "confirmed"),
-            ("C1", "attention masks overlap objects more than random", "+44 %", "iou diff", 0.06, 0.02, 0.1, 4, 0.03,
-             "inconclusive")]
-    return pd.DataFrame(rows, columns=TABLES["claims"])
+    """Rows shaped as analysis.claims writes them (primary rows with verdicts; one exploratory row)."""
+    rows = [("B1", "masked patches have more high-frequency energy", "+18 %", "rel_effect_pct", "primary", True,
+             "supported", "paper", 21.0, 12.0, 30.0, 4, 0, 0.004, 0.008, 3.0),
+            ("C1", "attention masks overlap objects more than random", "+44 %", "rel_effect_pct", "primary", True,
+             "not shown", "neither", 6.0, -2.0, 10.0, 4, 1, 0.03, 0.03, 40.0),
+            ("C1", "attention masks overlap objects more than random", "+44 %", "rel_effect_pct", "exploratory",
+             False, "", "paper", 8.0, 2.0, 14.0, 4, 0, 0.01, np.nan, np.nan)]
+    df = pd.DataFrame(rows, columns=TABLES["claims"])
+    return df.assign(layer=LAYERS[16], patch=16, psi=1.0, t=500.0, mode="scenes", source="", freq=np.nan,
+                     ci_level=[0.975, 0.975, 0.95], effect_uncontrolled=[np.nan, -5.0, np.nan], t_band="300-600",
+                     pooled_over="", alpha=0.05, min_n=10)
+
+
+def _paired(df: pd.DataFrame, half: float, table: str) -> pd.DataFrame:
+    """The delta columns as sag.sweep writes them: value - the "none" row of the same metric, CI delta +- ``half``
+    x the unguided value (paired intervals are narrower than the absolute ones), differs = the CI excludes 0."""
+    base = df["metric"].map(df[df["guidance"] == "none"].set_index("metric")["value"])
+    delta = df["value"] - base
+    half = half * base * (df["guidance"] != "none")
+    lo, hi = delta - half, delta + half
+    return df.assign(delta=delta, delta_ci_low=lo, delta_ci_high=hi, differs=(lo > 0) | (hi < 0))[list(TABLES[table])]
 
 
 def quality(rng=None) -> pd.DataFrame:
     rng = rng or np.random.default_rng(4)
-    rows = []
+    bases = {"fd": 20.0, "precision": 0.6, "recall": 0.5, "class_accuracy": 0.7}
+    rows = [(RUN, "none", 0.0, metric, base, 0.95 * base, 1.05 * base, 64) for metric, base in bases.items()]
     for guidance, slope in (("sag", -4.0), ("blur", -1.5)):
         for scale in (0.0, 0.25, 0.5, 0.75, 1.0):
             for metric, base, sl in (("fd", 20.0, slope), ("precision", 0.6, 0.05), ("recall", 0.5, -0.03),
                                      ("class_accuracy", 0.7, 0.04)):
                 v = base + sl * scale + rng.normal(0, 0.01 * base)
                 rows.append((RUN, guidance, scale, metric, v, v - 0.05 * base, v + 0.05 * base, 64))
-    return pd.DataFrame(rows, columns=TABLES["quality"])
+    df = pd.DataFrame(rows, columns=["run", "guidance", "scale", "metric", "value", "ci_low", "ci_high", "n"])
+    q = _paired(df, 0.02, "quality")
+    return q.assign(calls_per_image=np.where(q["guidance"] == "none", 1.0, 2.0))  # counted, as sag.sweep writes it
 
 
 def frontier() -> pd.DataFrame:
@@ -120,7 +139,9 @@ def frontier() -> pd.DataFrame:
             v = (15.0 if guidance == "sag" else 18.0) + 2 * (2.0 - calls)
             rows.append((guidance, schedule, 0.75, calls, "fd", v, v - 0.8, v + 0.8))
     rows.append(("none", "full", 0.0, 1.0, "fd", 20.0, 19.2, 20.8))
-    return pd.DataFrame(rows, columns=TABLES["frontier"])
+    df = pd.DataFrame(rows, columns=["guidance", "window", "scale", "calls_per_image", "metric", "value", "ci_low",
+                                     "ci_high"])
+    return _paired(df, 0.01, "frontier")
 
 
 def bench() -> pd.DataFrame:

@@ -5,20 +5,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from analysis.schemas import TABLES
-from analysis.tables import read_table
+from analysis.tables import format_differences, read_table
 from experiments import evaluate, frontier
 from experiments.common import plain, select
 from experiments.sweeps import prepare_sweep
 from sag.errors import SagConfigError
+from sag.evaluators.quality import with_deltas
 from sag.guidance import ModelCall
 from sag.models import load_model
 from sag.schedulers import make_scheduler
-from sag.sweep import Setting, build_setting, count_calls, frontier_settings, quality_settings
+from sag.sweep import (
+    Scored,
+    Setting,
+    build_setting,
+    count_calls,
+    evaluate_settings,
+    frontier_settings,
+    quality_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["debug=tiny", "model=tiny_pixel_cond", "seeds=0-5", "steps=2", "metrics.draws=20", "metrics.draws_fd=5"]
@@ -108,6 +119,37 @@ def test_bad_settings():
         _build(m, Setting("sag", 0.5, sag_scale=0.5, start=0.7, stop=0.2), _compose("evaluate").sag)
 
 
+def test_deltas_against_the_unguided_setting():
+    rng = np.random.default_rng(0)
+    base_draws = {"fd": rng.normal(20, 3, 50), "precision": rng.uniform(0.4, 0.8, 50)}
+
+    def row(metric, value):
+        return {"metric": metric, "value": value, "ci_low": 0.0, "ci_high": 0.0, "n": 8, "draws": 50}
+
+    base = Scored([row("fd", 20.0), row("precision", 0.6)], base_draws, 4.0, 0.0)
+    guided = Scored([row("fd", 18.0), row("precision", 0.6)],
+                    {"fd": base_draws["fd"] - 2.0, "precision": base_draws["precision"]}, 8.0, 0.0)
+    rows = with_deltas(guided.rows, guided.draws, base.rows, base.draws, alpha=0.05)
+    assert rows[0]["delta"] == -2.0 and rows[0]["differs"] and rows[0]["value"] == 18.0  # every draw 2 lower
+    assert rows[1]["delta"] == 0.0 and (rows[1]["delta_ci_low"], rows[1]["delta_ci_high"]) == (0.0, 0.0)
+    assert not rows[1]["differs"]
+    assert [r["delta"] for r in with_deltas(base.rows, base.draws, base.rows, base.draws)] == [0.0, 0.0]
+    other_seeds = Scored([row("fd", 18.0) | {"n": 6}], {"fd": base_draws["fd"]}, 8.0, 0.0)
+    with pytest.raises(ValueError, match="same seeds"):
+        with_deltas(other_seeds.rows, other_seeds.draws, base.rows, base.draws)
+    with pytest.raises(SagConfigError, match="lack the unguided setting"):  # refused before any sampling
+        evaluate_settings(None, "unused", [Setting("sag", 0.5, sag_scale=0.5)], {})
+
+
+def test_differences_summary():
+    df = pd.DataFrame({"guidance": ["none", "sag", "sag", "blur"], "setting": ["none", "none", "sag_s1", "blur_s1"],
+                       "window": "full", "scale": [0.0, 0.0, 1.0, 1.0], "metric": "fd",
+                       "delta": [0.0, 0.0, -2.0, -0.5], "delta_ci_low": [0.0, 0.0, -3.0, -1.5],
+                       "delta_ci_high": [0.0, 0.0, -1.0, 0.5], "differs": [False, False, True, False]})
+    assert format_differences(df) == ("fd: 1 of 2 settings differ from unguided (paired bootstrap CI of the delta "
+                                       "excludes 0): sag 1 -2 [-3, -1]")
+
+
 @pytest.mark.slow
 def test_evaluate_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
@@ -124,6 +166,12 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert calls == {"none": 2, "sag_s0.5": 4, "blur_s0.5": 4, "sag_cg_s0.75_l1": 4}
     fd = df[df.metric == "fd"].set_index(["guidance", "scale"]).value
     assert fd[("sag", 0.0)] == fd[("none", 0.0)]  # s = 0 is the unguided run
+    unguided = df[df.setting == "none"]  # none, sag s=0: the baseline itself, Δ = 0 exactly
+    assert (unguided.delta == 0).all() and (unguided.delta_ci_low == 0).all() and not unguided.differs.any()
+    base = df[df.guidance == "none"].set_index("metric").value
+    assert (df.delta == df.value - df.metric.map(base)).all()  # exact: the same float64 subtraction
+    assert (df.delta_ci_low <= df.delta + 1e-9).all() and (df.delta <= df.delta_ci_high + 1e-9).all()  # as above
+    assert "fd: " in res.stdout and "of 3 settings differ from unguided" in res.stdout
     again = _run("evaluate", out, *args)  # every setting complete: nothing is sampled again
     assert again.returncode == 0 and again.stdout.count("already complete") == 4, again.stdout[-2000:]
     assert read_table(out, "quality")[["metric", "value", "ci_low"]].equals(df[["metric", "value", "ci_low"]])
@@ -144,3 +192,5 @@ def test_frontier_end_to_end(tmp_path):
                      ("sag", "every 2"): 6, ("sag_cfg", "full"): 12, ("sag_cfg", "window 0-0.5"): 10,
                      ("sag_cfg", "every 2"): 10}
     assert set(df.metric) >= {"fd", "precision", "recall"}
+    assert (df[df.guidance == "none"].delta == 0).all() and df.differs.dtype == bool
+    assert "of 7 settings differ from unguided" in res.stdout

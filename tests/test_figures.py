@@ -89,7 +89,20 @@ def test_attention_stats_bands_per_layer():
     assert len(axes) == 3 and all(len(data_lines(ax)) == len(fx.LAYERS) for ax in axes)
 
 
-def test_quality_and_frontier():
+def _text_overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of non-empty texts (annotations, tick labels excluded) of one axes whose boxes intersect."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    bad = []
+    for ax in fig.get_axes():
+        texts = [t for t in ax.texts if t.get_visible() and t.get_text().strip()]
+        boxes = [t.get_window_extent(r) for t in texts]
+        bad += [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes)) for j in range(i)
+                if boxes[i].overlaps(boxes[j])]
+    return bad
+
+
+def test_quality_delta_panels_and_frontier():
     q, f = fx.quality(), fx.frontier()
     d = fig_quality.data(q, f)
     assert len(d[d["panel"] == "quality"]) == len(q)
@@ -98,10 +111,51 @@ def test_quality_and_frontier():
     fig = fig_quality.plot(q, f)
     axes = visible_axes(fig)
     assert len(axes) == 5  # 4 metrics + frontier
-    assert all(len(data_lines(ax)) == 2 for ax in axes[:4])  # sag, blur
+    for ax, metric in zip(axes[:4], ["fd", "precision", "recall", "class_accuracy"]):
+        lines = data_lines(ax)  # the zero line (unguided) + sag + blur
+        assert len(lines) == 3 and list(lines[0].get_ydata()) == [0, 0]
+        sag = q[(q.guidance == "sag") & (q.metric == metric)].sort_values("scale")
+        assert np.allclose(lines[1].get_ydata(), sag["delta"])  # the deltas are plotted, not absolute values
+        assert "unguided" in ax.get_xlabel() and "n=64" in ax.get_xlabel()
     assert len(visible_axes(fig_quality.plot(q))) == 4 and len(visible_axes(fig_quality.plot(None, f))) == 1
     with pytest.raises(ValueError):
         fig_quality.data(None, None)
+
+
+def test_frontier_names_points_in_a_legend_without_overlap():
+    """Issue 22: "window 0-0.5" and "every 2" land on the same (calls, value); they are legend entries (no text
+    labels on the axes) and their markers are dodged apart."""
+    f = fx.frontier()
+    fig = fig_quality.plot(None, f)
+    (ax,) = visible_axes(fig)
+    assert not ax.texts and not _text_overlaps(fig)
+    labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert len(labels) == len(set(labels)) and {"sag · window 0.0-0.5", "sag · every 2"} <= set(labels)
+    xs = {c.get_label(): c.lines[0].get_xdata()[0] for c in ax.containers}
+    assert xs["sag · window 0.0-0.5"] != xs["sag · every 2"]
+    assert "network evaluations per image" in ax.get_xlabel()
+
+
+def test_quality_caption_says_what_n_and_how_to_read():
+    text = fig_quality.caption(fx.quality(), fx.frontier())
+    assert "n = 64 seeds" in text and "paired" in text and "excludes 0" in text
+    assert "fd: 7 of 10 settings differ from unguided" in text and "fd: 8 of 8 settings" in text
+    assert "Pareto" in fig_quality.caption(None, fx.frontier()) and "Frontier" not in fig_quality.caption(fx.quality())
+    assert "ms per image" not in text and "ratio to the same run's unguided" in fig_cost.caption(fx.bench())
+
+
+def test_frequency_single_bin_has_integer_ticks():
+    """Issue 22: 2x2 px patches have one radial bin; its axis shows the bin 1, not 0.5 ... 1.5."""
+    freq = fx.frequency()
+    freq = freq[(freq["patch"] == 16) | (freq["freq"] == 1)]
+    fig = fig_frequency.plot(freq)
+    fig.canvas.draw()
+    for ax in [ax for ax in visible_axes(fig) if ax.get_yscale() == "log"]:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    one = [ax for ax in visible_axes(fig) if ax.get_title(loc="left").startswith("(a)")][0]
+    assert one.get_xlim() == (0.5, 1.5) and [t for t in one.get_xticks() if 0.5 <= t <= 1.5] == [1.0]
 
 
 def test_pareto_front():

@@ -41,6 +41,8 @@ def test_tables_from_other_dirs_and_sweep(tmp_path):
     plt.close("all")
     assert set(result.written) == {"quality", "qualitative"} and not result.skipped
     assert (tmp_path / "figs" / "qualitative.png").is_file()
+    caption = tmp_path / "figs" / "quality.caption.txt"  # figure modules with caption() get one
+    assert caption in result.written["quality"] and "paired" in caption.read_text()
 
 
 def test_figures_read_the_studies_images_and_stored_masks(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import fixtures_report as fx
@@ -41,20 +44,92 @@ def report_dirs(tmp_path_factory) -> dict[str, Path]:
     return fx.write_fixture_report(tmp_path_factory.mktemp("report"))
 
 
+@pytest.fixture(scope="module")
+def rendered(report_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Both reports rendered once on the fixture run dir (shared by the content and the browser checks)."""
+    out = tmp_path_factory.mktemp("html")
+    return {"attention_studies": render_notebook(NOTEBOOKS / "attention_studies.py", report_dirs["run"],
+                                                 out / "a.html", params={"CAPTURE_DIR": report_dirs["capture"]},
+                                                 ipynb=out / "a.ipynb"),
+            "sag_report": render_notebook(NOTEBOOKS / "sag_report.py", report_dirs["run"], out / "r.html",
+                                          params={"SWEEP_DIR": report_dirs["sweep"]})}
+
+
+def body(path: Path) -> str:
+    """The HTML after <body> (the template's CSS above it names code editors and stderr)."""
+    return path.read_text(encoding="utf-8").split("<body", 1)[1]
+
+
+def check_page(html: str, n_figures: int, run_dir: Path) -> None:
+    """No code, no warnings, no absolute paths; the summary table with one row per claim; every figure embedded
+    with a caption."""
+    code_cells = re.findall(r'class="jp-Cell jp-CodeCell[^"]*"', html)
+    assert code_cells and all("jp-mod-noInput" in c for c in code_cells)  # every code cell without its input
+    assert "highlight" not in html and "import " not in html
+    text = re.sub(r"data:image/png;base64,[^\"]+", "", html)  # base64 may spell anything
+    assert not re.search(r"warn|stderr|Traceback", text, re.IGNORECASE)
+    assert str(run_dir.resolve()) not in html and str(run_dir.parent.resolve()) not in html  # relative paths
+    table = html.split('id="sag-summary"', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr") - 1 == fx.claims()["claim_id"].nunique()  # header + one row per claim
+    figures = re.findall(r'<figure class="sag-fig"><img [^>]*src="data:image/png;base64,[^"]+"[^>]*>\s*'
+                         r"<figcaption>([^<]+)", html)  # nbconvert may reorder the img attributes
+    assert len(figures) == n_figures  # each caption says on what n (seeds, images, or the benchmark's batch)
+    assert all(re.search(r"n = \d+|\d+ (generated )?(seeds|images)|batch \d+", c) for c in figures), figures
+
+
 @pytest.mark.slow
-def test_attention_studies_notebook(report_dirs, tmp_path):
-    out = render_notebook(NOTEBOOKS / "attention_studies.py", report_dirs["run"], tmp_path / "a.html",
-                          params={"CAPTURE_DIR": report_dirs["capture"]}, ipynb=tmp_path / "a.ipynb")
-    html = out.read_text()
-    assert html.count("data:image/png") >= 5  # masks, timeline, frequency, objects, attention stats
+def test_attention_studies_notebook(rendered, report_dirs):
+    html = body(rendered["attention_studies"])
+    check_page(html, 6, report_dirs["run"])  # claims, masks, timeline, frequency, objects, attention stats
     assert "object masks from" in html and "sample_masks.npz" in html  # stored masks, no segmenter run
     assert "masked patches have more high-frequency energy" in html  # the claims table
+    assert "supported" in html and "position-controlled" in html and "C1: attention masks" in html
 
 
 @pytest.mark.slow
-def test_sag_report_notebook(report_dirs, tmp_path):
-    out = render_notebook(NOTEBOOKS / "sag_report.py", report_dirs["run"], tmp_path / "r.html",
-                          params={"SWEEP_DIR": report_dirs["sweep"]})
-    html = out.read_text()
-    assert html.count("data:image/png") >= 3  # qualitative, quality, cost
-    assert "inconclusive" in html and "sag_cfg" in html
+def test_sag_report_notebook(rendered, report_dirs):
+    html = body(rendered["sag_report"])
+    check_page(html, 4, report_dirs["run"])  # claims, qualitative, quality, cost
+    assert "not shown" in html and "sag_cfg" in html  # the fixture claims table
+    assert "Δ Fréchet distance ↓" in html and "sag s=0.5" in html and "better" in html  # paired deltas
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+PROBE = """<script>window.addEventListener('load', function () {
+  var t = document.getElementById('sag-summary'), r = t.getBoundingClientRect();
+  var hit = document.elementFromPoint((r.left + r.right) / 2, (r.top + r.bottom) / 2);
+  parent.postMessage([location.pathname.split('/').pop(), r.top, r.bottom, r.left, r.right, window.innerWidth,
+                      window.innerHeight, hit !== null && t.contains(hit)].join(','), '*');
+});</script>"""
+FRAMES = """<html><body style="margin:0"><script>window.addEventListener('message', function (e) {
+  document.body.setAttribute('data-' + e.data.split(',')[0].replace('.html', ''), e.data); });</script>
+{frames}</body></html>"""
+
+
+@pytest.mark.slow
+def test_summary_visible_without_scrolling(rendered, tmp_path):
+    """A real headless Chromium: in a 1400x900 viewport the claims summary of each report lies entirely in the first
+    screen and is not covered by anything. Each report (a copy with a script that posts the table's bounding box
+    after load) sits in a 1400x900 iframe of one page, so one browser start checks both and the viewport is exactly
+    1400x900 (a headless window's own viewport is smaller than --window-size by its frame); --dump-dom returns the
+    boxes the browser's layout gave (no image analysis)."""
+    exe = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if exe is None:
+        pytest.skip("no chromium / chromium-browser / google-chrome on PATH (apt-get install -y chromium)")
+    frames = []
+    for name, path in rendered.items():
+        (tmp_path / f"{name}.html").write_text(path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
+                                               encoding="utf-8")
+        frames.append(f'<iframe src="{name}.html" width="1400" height="900" style="border:0;display:block"></iframe>')
+    page = tmp_path / "frames.html"
+    page.write_text(FRAMES.replace("{frames}", "".join(frames)), encoding="utf-8")
+    res = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          "--allow-file-access-from-files", "--window-size=1400,1900", "--virtual-time-budget=5000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    for name in rendered:
+        probe = re.search(rf'data-{name}="([^"]+)"', res.stdout)
+        assert probe, f"{name}: no probe in the DOM; " + res.stderr[-2000:]
+        top, bottom, left, right, width, height = (float(v) for v in probe.group(1).split(",")[1:7])
+        assert (width, height) == (1400, 900), probe.group(1)
+        assert 0 <= top < bottom <= height and 0 <= left < right <= width, probe.group(1)  # all of it on screen
+        assert probe.group(1).endswith("true"), probe.group(1)  # the table itself is at its centre (not covered)

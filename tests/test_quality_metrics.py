@@ -11,13 +11,16 @@ from sag.data import make_scenes
 from sag.errors import SagConfigError
 from sag.evaluators import frechet_distance, load_evaluator
 from sag.evaluators.quality import (
+    DELTA_COLUMNS,
     FeatureModule,
     bootstrap_indices,
+    bootstrap_quality,
     class_accuracy,
     extract,
     inception_metrics,
     is_score,
     knn_radii,
+    paired_delta,
     percentile_interval,
     precision_recall,
     quality_metrics,
@@ -148,3 +151,43 @@ def test_inception_metrics_only_from_a_local_file(tmp_path):
     assert inception_metrics(None, x, x) == {}
     with pytest.raises(SagConfigError, match="no such file"):
         inception_metrics(tmp_path / "missing.pth", x, x)
+
+
+def test_paired_delta_known_answers():
+    rng = np.random.default_rng(0)
+    base = rng.normal(10.0, 2.0, 200)
+    same = paired_delta(10.0, base, 10.0, base)
+    assert same == {"delta": 0.0, "delta_ci_low": 0.0, "delta_ci_high": 0.0, "differs": False}
+    # every draw 0.5 lower: the paired interval is the point -0.5 although the draws spread over ~8 units
+    shifted = paired_delta(9.5, base - 0.5, 10.0, base)
+    assert shifted["delta"] == -0.5 and shifted["differs"]
+    # 1e-12: float64 round-off of (b - 0.5) - b and of the bias shift on values ~10
+    assert shifted["delta_ci_low"] == pytest.approx(-0.5, abs=1e-12) == shifted["delta_ci_high"]
+    assert set(shifted) == set(DELTA_COLUMNS)
+    none = paired_delta(3.0, [], 1.0, [])  # no draws (e.g. Inception FID): a delta, no interval, no verdict
+    assert none["delta"] == 2.0 and math.isnan(none["delta_ci_low"]) and not none["differs"]
+    with pytest.raises(ValueError, match="same bootstrap draws"):
+        paired_delta(1.0, base[:100], 1.0, base)
+
+
+def test_paired_deltas_rank_what_absolute_intervals_cannot():
+    """Two settings on the same seeds (the second pulls every image towards the reference): their absolute FD and
+    precision intervals overlap, the paired intervals of the differences exclude 0. Draw b of both sides is the
+    metric on the same resampled seeds (checked against a direct recomputation on bootstrap_indices row b)."""
+    real = _gaussian(300, [0.0] * 8, np.eye(8), 7)
+    unguided = _gaussian(120, [0.3] * 8, np.eye(8) * 1.5, 8)
+    guided = unguided * 0.9
+    ru, bu = bootstrap_quality(real, unguided, draws=100, draws_fd=20, seed=0)
+    rs, bs = bootstrap_quality(real, guided, draws=100, draws_fd=20, seed=0)
+    assert ru == quality_metrics(real, unguided, draws=100, draws_fd=20, seed=0)  # the same rows as before
+    idx = bootstrap_indices(120, 100, seed=0)
+    for b in (0, 19):  # rel 1e-9: the same torchmetrics FD on the same float64 features, recomputed
+        assert bu["fd"][b] == pytest.approx(frechet_distance(real, unguided[idx[b]]), rel=1e-9)
+        assert bs["fd"][b] == pytest.approx(frechet_distance(real, guided[idx[b]]), rel=1e-9)
+    # precision keeps the reference radii, so a resample's precision is precision_recall on it exactly
+    assert bs["precision"][7] == precision_recall(real, guided[idx[7]])[0]
+    for u, g in zip(ru[:2], rs[:2]):  # fd, precision
+        d = paired_delta(g["value"], bs[g["metric"]], u["value"], bu[u["metric"]])
+        assert max(u["ci_low"], g["ci_low"]) < min(u["ci_high"], g["ci_high"]), (u, g)  # absolute CIs overlap
+        assert d["differs"] and d["delta_ci_low"] <= d["delta"] <= d["delta_ci_high"], d
+        assert d["delta_ci_high"] - d["delta_ci_low"] < 0.6 * (u["ci_high"] - u["ci_low"])

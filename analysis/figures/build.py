@@ -5,7 +5,8 @@ Never samples. Tables are looked up in ``tables/`` of the run dir, then of ``cap
 run dir), and figure 2 the object masks the studies stored (``studies/sample_masks.npz`` of the capture run or
 the run dir; without them it has no object row and says so); figure 6 reads the images of a sample sweep
 (``sweep_dir``: one sub-run per guidance setting, else the run dir). A figure whose inputs are absent is
-skipped with the reason. No model runs here (no sampling, no segmenter).
+skipped with the reason. No model runs here (no sampling, no segmenter). A figure module with
+``caption(*tables) -> str`` also gets ``<name>.caption.txt`` (what is plotted, on what n, how to read it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.figures import (
+    captions,
     fig_attention_stats,
+    fig_claims,
     fig_cost,
     fig_frequency,
     fig_masks,
@@ -29,8 +32,9 @@ from analysis.figures import (
 )
 from analysis.figures.inputs import capture_inputs, stored_object_masks, sweep_images
 from analysis.tables import TableError, read_table, table_path
+from sag.io import atomic_write_text
 
-TABLE_FIGURES = (fig_frequency, fig_objects, fig_attention_stats, fig_quality, fig_cost)
+TABLE_FIGURES = (fig_claims, fig_frequency, fig_objects, fig_attention_stats, fig_quality, fig_cost)
 IMAGE_FIGURE_NAMES = (fig_timeline.NAME, fig_masks.NAME, fig_qualitative.NAME)
 
 
@@ -98,8 +102,19 @@ def _table_figure(result: BuildResult, mod, dirs, out: Path, formats, options: d
     try:
         result.written[mod.NAME] = save_figure(mod.plot(*tables, **kw), mod.data(*tables, **kw), out, mod.NAME,
                                                formats)
+        text = captions.caption(mod, *tables, **kw)  # the module's own caption, else analysis.figures.captions
+        if text:  # what is plotted, on what n, how to read it: next to the figure
+            path = caption_path(out, mod.NAME)
+            atomic_write_text(path, text + "\n")
+            result.written[mod.NAME].append(path)
     except (TableError, ValueError, KeyError) as e:
         result.skipped[mod.NAME] = f"{type(e).__name__}: {e}"
+
+
+def caption_path(figures_dir: str | Path, name: str) -> Path:
+    """``<figures_dir>/<name>.caption.txt``: the caption of a figure module with ``caption(...)`` (the report
+    shows it under the figure)."""
+    return Path(figures_dir) / f"{name}.caption.txt"
 
 
 def _capture_figures(result: BuildResult, want: list[str], run_dir: Path, capture_dir, out: Path, formats,

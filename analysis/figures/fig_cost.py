@@ -73,3 +73,16 @@ def plot(table: pd.DataFrame) -> Figure:
         style.empty_panel(axes[0, 0], "no bench rows")
     fig.suptitle("Cost per image by guidance setting (labels: ratio to unguided, and to CFG)")
     return fig
+
+
+def caption(table: pd.DataFrame) -> str:
+    """What figure 8 plots, on what n, and how to read it (for the report), from the ``bench`` table."""
+    d = data(table)
+    runs = "; ".join(f"{b}: {m} on {dev}, batch {int(g['batch'].iloc[0])}, {int(g['steps'].iloc[0])} steps, "
+                     f"{g['dtype'].iloc[0]}" for (b, m, dev), g in d.groupby(["benchmark", "model", "device"],
+                                                                            sort=False))
+    return ("Left: wall-clock milliseconds per image of each guidance setting, measured in one benchmark run "
+            f"({runs}); labels: the ratio to the same run's unguided time and, for guided settings, to CFG. "
+            "Right: network evaluations per image (counted rows of the denoiser per image and trajectory). "
+            "Times are single measurements on the named device (no CI); compare ratios within a run, not across "
+            "machines.")

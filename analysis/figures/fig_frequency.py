@@ -124,8 +124,7 @@ def plot(frequency: pd.DataFrame, surface: pd.DataFrame | None = None, **kw) -> 
             style.band(ax, c["freq"], c["mean"], c["ci_low"], c["ci_high"], label=s.series, colour=cols[s.series],
                        linestyle="--" if s.region == "all" else "-")
         style.log_y(ax)
-        style.integer_x(ax)
-        ax.set_xlim(0.5, float(g["freq"].max()) + 0.5 if len(g) else 1.5)
+        style.bin_axis(ax, g["freq"])  # integer ticks, also for one bin (2x2 px patches)
         n = int(g["n"].max()) if len(g) else 0
         ax.set_xlabel(f"radial frequency bin\n{style.short_layer(g['layer'].iloc[0], 30)}, n={n} seeds")
         ax.set_ylabel("mean |DFT| (log)" if j == 0 else "")

@@ -53,6 +53,11 @@ def capture_inputs(capture_dir: str | Path, *, layer: str | None = None, seeds=N
 
     reader = RecordReader(Path(capture_dir) / "records")
     layer = layer or pick_layer(reader.layers)
+    if layer not in reader.layers:
+        from sag.errors import SagConfigError
+
+        raise SagConfigError(f"options.capture.layer={layer!r} is not recorded in {capture_dir}; accepted: one of "
+                             f"{list(reader.layers)} or null (the last decoder layer)")
     seeds = list(seeds) if seeds is not None else reader.seeds[:n_seeds]
     all_steps = reader.steps
     pick = np.unique(np.linspace(0, len(all_steps) - 1, min(n_steps, len(all_steps))).round().astype(int))

@@ -118,9 +118,15 @@ def mean_ci(df: pd.DataFrame, by: Sequence[str], value: str = "value", level: fl
 
 def band(ax: Axes, x, mean, low, high, *, label: str, colour, marker: str | None = "o", alpha: float = 0.2,
          linestyle: str = "-") -> None:
-    """A mean line with a shaded CI band (one Line2D and one PolyCollection per series)."""
-    ax.plot(x, mean, marker=marker, markersize=3.5, color=colour, label=label, linestyle=linestyle, lw=1.6)
+    """A mean line with a shaded CI band (one Line2D and one PolyCollection per series). A series of one point
+    (e.g. a single frequency bin) also gets an error bar, since a band of zero width is invisible."""
+    ax.plot(x, mean, marker=marker or ("o" if len(np.atleast_1d(x)) == 1 else None), markersize=3.5, color=colour,
+            label=label, linestyle=linestyle, lw=1.6)
     ax.fill_between(x, low, high, color=colour, alpha=alpha, lw=0)
+    if len(np.atleast_1d(x)) == 1:
+        m, lo, hi = (float(np.asarray(v, dtype=float).ravel()[0]) for v in (mean, low, high))
+        ax.errorbar(np.asarray(x, dtype=float).ravel(), [m], yerr=[[max(m - lo, 0.0)], [max(hi - m, 0.0)]],
+                    fmt="none", ecolor=colour, capsize=3, lw=1.2)
 
 
 def short_layer(name: str, width: int = 28) -> str:
@@ -154,7 +160,18 @@ def log_y(ax: Axes) -> None:
 
 
 def integer_x(ax: Axes) -> None:
-    """Integer x ticks (frequency bins, sampler steps)."""
+    """Integer x ticks (frequency bins, sampler steps), also when the view holds a single integer
+    (``min_n_ticks=1``: with the default 2, matplotlib falls back to fractional ticks 0.5 ... 1.5)."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def bin_axis(ax: Axes, bins) -> None:
+    """An x axis of integer bins: integer ticks and the range [min - 0.5, max + 0.5] (one bin: 0.5 to 1.5 with
+    the single tick 1)."""
+    b = np.asarray(bins, dtype=float)
+    b = b[np.isfinite(b)]
+    integer_x(ax)
+    if b.size:
+        ax.set_xlim(float(b.min()) - 0.5, float(b.max()) + 0.5)

@@ -21,6 +21,11 @@ are recomputed on each resample. The reference set stays fixed. Precision/recall
 k-NN radius from the full set, so duplicated draws do not shrink the generated manifold. Intervals are
 percentile intervals shifted by the bootstrap bias (see :func:`percentile_interval`); ``boot_bias`` reports it.
 (:func:`analysis.stats.bootstrap_ci` is another thing: the CI of a mean paired difference over images.)
+
+Paired deltas (:func:`paired_delta`): two settings sampled on the same seeds are resampled by the same index rows,
+so metric(S, draw b) - metric(U, draw b) is a paired bootstrap draw of the difference S - U; its percentile
+interval (same bias shift) is what ranks settings, since the absolute intervals mostly hold seed-to-seed noise
+that both settings share. :func:`bootstrap_quality` returns the per-draw values that this needs.
 """
 
 from __future__ import annotations
@@ -134,11 +139,23 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
 
     ``fake_logits`` (n, C) adds ``is_score`` and, with ``labels`` (n,), ``class_accuracy``. Resample ``b`` of
     every metric uses the same index row (paired), so ``draws_fd <= draws`` uses the first rows.
+    :func:`bootstrap_quality` also returns the per-draw values (for :func:`paired_delta`).
     """
+    return bootstrap_quality(real_feats, fake_feats, fake_logits, labels, k=k, draws=draws, draws_fd=draws_fd,
+                             seed=seed, alpha=alpha, batch=batch)[0]
+
+
+def bootstrap_quality(real_feats, fake_feats, fake_logits=None, labels=None, *, k: int = 3, draws: int = 200,
+                      draws_fd: int = 100, seed: int = 0, alpha: float = 0.05,
+                      batch: int = 1024) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """(rows of :func:`quality_metrics`, ``{metric: per-draw values}``). Value ``b`` of every metric is computed on
+    the generated images ``bootstrap_indices(n, max(draws, draws_fd), seed)[b]`` against the fixed reference set,
+    so two image sets of the same size, bootstrap seed and draw counts are resampled identically (same seeds:
+    paired) and :func:`paired_delta` can difference them draw by draw."""
     real, fake = _f64(real_feats), _f64(fake_feats)
     n = len(fake)
     idx = bootstrap_indices(n, max(draws, draws_fd), seed)
-    rows = []
+    rows, draws_of = [], {}
 
     def add(metric, value, boots, low=0.0, high=math.inf):
         value, boots = float(value), np.asarray(boots, dtype=np.float64)
@@ -146,6 +163,7 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
         lo, hi = max(lo, low), min(hi, high)  # the shift must not leave the metric's range
         rows.append({"metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "n": n, "draws": len(boots),
                      "boot_bias": float(boots.mean() - value) if len(boots) else math.nan})
+        draws_of[metric] = boots
 
     fd = fd_metric(real.shape[1])
     fd.update(real, real=True)
@@ -172,7 +190,45 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
         if labels is not None:
             correct = (logits.argmax(1) == torch.as_tensor(np.asarray(labels)).long()).double()
             add("class_accuracy", correct.mean(), correct[sel].mean(1).numpy(), high=1.0)
-    return rows
+    return rows, draws_of
+
+
+DELTA_COLUMNS = ("delta", "delta_ci_low", "delta_ci_high", "differs")
+
+
+def paired_delta(value: float, boots, base_value: float, base_boots, alpha: float = 0.05) -> dict:
+    """The paired difference of one metric between a setting and the baseline (e.g. unguided) on the same seeds.
+
+    ``delta = value - base_value`` (metric units, e.g. FD units or a fraction for precision); its interval is
+    the :func:`percentile_interval` of the per-draw differences ``boots[b] - base_boots[b]``, bias-shifted to
+    ``delta`` as the metrics' own intervals are (the same resample of seeds on both sides: what the two sets
+    share cancels, so the interval is much narrower than the two absolute ones). ``differs``: the interval
+    excludes 0 (False when there are no draws, e.g. Inception FID: the interval is NaN). Returns the
+    :data:`DELTA_COLUMNS` keys. Raises ValueError unless both sides have the same number of draws.
+    """
+    boots, base = np.asarray(boots, dtype=np.float64), np.asarray(base_boots, dtype=np.float64)
+    if boots.shape != base.shape:
+        raise ValueError(f"paired delta of {boots.shape} draws against {base.shape}; accepted: the same bootstrap "
+                         "draws on both sides (same seeds, draws and bootstrap seed)")
+    delta = float(value) - float(base_value)
+    lo, hi = percentile_interval(boots - base, delta, alpha)  # NaN draws (e.g. a failed FD) are left out
+    return {"delta": delta, "delta_ci_low": lo, "delta_ci_high": hi, "differs": bool(lo > 0 or hi < 0)}
+
+
+def with_deltas(rows: list[dict], draws: dict, base_rows: list[dict], base_draws: dict,
+                alpha: float = 0.05) -> list[dict]:
+    """``rows`` (of :func:`bootstrap_quality`, with its per-draw values ``draws``), each extended by
+    :func:`paired_delta` against the same metric of the baseline (``base_rows``, ``base_draws``: e.g. the unguided
+    setting of the same sweep). Raises ValueError unless both sides scored the same number of images."""
+    base = {r["metric"]: r for r in base_rows}
+    out = []
+    for r in rows:
+        b = base[r["metric"]]
+        if b["n"] != r["n"]:
+            raise ValueError(f"metric {r['metric']}: {r['n']} images against {b['n']} in the baseline; accepted: "
+                             "the same seeds on both sides")
+        out.append(r | paired_delta(r["value"], draws[r["metric"]], b["value"], base_draws[r["metric"]], alpha))
+    return out
 
 
 @torch.no_grad()
