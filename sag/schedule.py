@@ -1,4 +1,8 @@
-"""The variance-preserving (VP) noise schedule at a continuous model timestep ``t``.
+"""The noise schedules at a continuous model timestep ``t``: variance-preserving (:class:`VPSchedule`) and flow
+matching (:class:`FlowSchedule`), behind one interface (``coefficients``, ``to_x0``, ``to_eps``, ``from_x0_eps``,
+``add_noise``, ``guidance_type``).
+
+VP:
 
 x_t = sqrt(alpha_bar(t)) x_0 + sqrt(1 - alpha_bar(t)) eps   (DDPM, Ho et al. 2020, Eq. 4)
 
@@ -9,7 +13,8 @@ does, so guidance computed here agrees with whatever scheduler produced ``t``.
 
 Names: ``sqrt_ab`` = sqrt(alpha_bar) and ``sqrt_one_minus_ab`` = sqrt(1 - alpha_bar) are the coefficients of
 x_0 and eps above; ``sigma`` is only k-diffusion's noise level sqrt((1 - alpha_bar) / alpha_bar) (Karras et al.
-2022, x_t / sqrt(alpha_bar) = x_0 + sigma eps), never sqrt(1 - alpha_bar) and never a blur width.
+2022, x_t / sqrt(alpha_bar) = x_0 + sigma eps), never sqrt(1 - alpha_bar) and never a blur width. In
+:class:`FlowSchedule` ``sigma`` is the flow's noise level: x_t = (1 - sigma) x_0 + sigma eps, sigma = t / T.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ class VPCoefficients(NamedTuple):
 
 
 class VPSchedule:
-    """Conversions between the model's prediction, eps, x0 and v at timestep ``t`` (int or float)."""
+    """Conversions between the model's prediction, eps, x0 and v at timestep ``t`` (int or float).
+    ``guidance_type = "epsilon"``: guidance wrappers combine eps (paper Eq. 16 / 25)."""
+
+    guidance_type = "epsilon"
 
     def __init__(self, alphas_cumprod: Tensor):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
@@ -123,6 +131,102 @@ class VPSchedule:
         """q(x_t | x_0) with a given noise: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (DDPM Eq. 4)."""
         sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x0)
         return sqrt_ab * x0 + sqrt_one_minus_ab * eps
+
+
+# --- flow matching ---------------------------------------------------------------------------------------
+FLOW_PREDICTION_TYPES = ("flow", "epsilon", "sample")  # "flow": the velocity v = eps - x0 (SD3, Flux)
+
+
+class FlowCoefficients(NamedTuple):
+    """x_t = x0_coef * x_0 + eps_coef * eps with x0_coef = 1 - sigma, eps_coef = sigma (rectified flow), each shaped
+    (b, 1, ..., 1)."""
+
+    x0_coef: Tensor
+    eps_coef: Tensor
+
+
+class FlowSchedule:
+    """The flow-matching (rectified-flow) path x_t = (1 - sigma) x_0 + sigma eps (Esser et al. 2024, SD3, Eq. 3;
+    Lipman et al. 2023) with the velocity prediction v = dx_t/dsigma = eps - x_0, at the model's timestep t.
+
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` sets ``timesteps = sigmas * num_train_timesteps`` after shifting
+    the sigmas (``set_timesteps`` steps 2 and 5; its training sigmas are ``timesteps / num_train_timesteps`` too), so
+    sigma = t / num_train_timesteps exactly, whatever the shift (the shift is in the scheduler's sigmas, not here).
+    Its Euler step is x_next = x + (sigma_next - sigma) v (``step``), which is what ``prediction_type="flow"`` means.
+
+    ``guidance_type = "flow"``: guidance wrappers combine velocities, not eps. At sigma = 1 (the first step of every
+    flow sampler) x_t = eps, so eps = x_t + (1 - sigma) v carries no information about v and no eps-space combination
+    can be mapped back; velocities combine exactly (the SD3/Flux pipelines combine CFG on v).
+    """
+
+    guidance_type = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        if int(num_train_timesteps) < 1:
+            raise ValueError("num_train_timesteps must be >= 1")
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        """sigma(t) = t / num_train_timesteps in [0, 1] (float64)."""
+        return torch.as_tensor(t).detach().to(torch.float64) / self.num_train_timesteps
+
+    def coefficients(self, t: Tensor | float, like: Tensor) -> FlowCoefficients:
+        """(1 - sigma, sigma) shaped (b, 1, ..., 1) in ``like``'s dtype and device."""
+        sigma = self.sigma(t)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(like.shape[0])
+        if sigma.shape[0] != like.shape[0]:
+            raise ValueError(f"t has {sigma.shape[0]} entries for a batch of {like.shape[0]}")
+        shape = (like.shape[0],) + (1,) * (like.ndim - 1)
+        sigma = sigma.reshape(shape).to(like.device, like.dtype)
+        return FlowCoefficients(1 - sigma, sigma)
+
+    # With s = sigma: x_t = (1 - s) x0 + s eps and v = eps - x0, so x0 = x_t - s v and eps = x_t + (1 - s) v.
+    def to_x0(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
+        """x0 estimate. flow: x_t - s v;  eps: (x_t - s eps) / (1 - s) (undefined at s = 1)."""
+        a, s = self.coefficients(t, x_t)
+        if prediction_type == "flow":
+            return x_t - s * pred
+        if prediction_type == "epsilon":
+            return (x_t - s * pred) / a
+        if prediction_type == "sample":
+            return pred
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {FLOW_PREDICTION_TYPES}")
+
+    def to_eps(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
+        """eps estimate. flow: x_t + (1 - s) v;  x0: (x_t - (1 - s) x0) / s."""
+        a, s = self.coefficients(t, x_t)
+        if prediction_type == "flow":
+            return x_t + a * pred
+        if prediction_type == "epsilon":
+            return pred
+        if prediction_type == "sample":
+            return (x_t - a * pred) / s
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {FLOW_PREDICTION_TYPES}")
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
+        """The prediction of type ``prediction_type`` that corresponds to (x0, eps): flow v = eps - x0."""
+        if prediction_type == "flow":
+            return eps - x0
+        if prediction_type == "epsilon":
+            return eps
+        if prediction_type == "sample":
+            return x0
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {FLOW_PREDICTION_TYPES}")
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+        """The flow path with a given noise: (1 - sigma) x0 + sigma eps (SD3 Eq. 3; diffusers' ``scale_noise``)."""
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * eps
+
+
+def flow_alphas_cumprod(num_train_timesteps: int = 1000) -> Tensor:
+    """The VP alpha_bar of the same signal-to-noise ratio as the flow at each training timestep (informative only, for
+    ``DiffusionModel.alphas_cumprod`` of a flow model): x_t / (1 - s) = x0 + s / (1 - s) eps, so alpha_bar =
+    (1 - s)^2 / ((1 - s)^2 + s^2), with s = (i + 1) / T the sigma of training timestep i (diffusers' flow training
+    sigmas linspace(1, T, T) / T); 0 at s = 1. float64."""
+    s = torch.arange(1, int(num_train_timesteps) + 1, dtype=torch.float64) / int(num_train_timesteps)
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
 
 
 # --- timestep respacing ------------------------------------------------------------------------------

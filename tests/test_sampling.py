@@ -4,9 +4,9 @@ import torch
 from sag.errors import SagConfigError
 from sag.models import load_model
 from sag.sampling import sample
-from sag.schedulers import SCHEDULERS, make_scheduler
+from sag.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
 
-ALL = sorted(SCHEDULERS)
+ALL = sorted(set(SCHEDULERS) - set(FLOW_SCHEDULERS))  # VP schedulers; flow ones: tests/test_flow_schedule.py
 REQUIRED = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "unipc"}
 
 

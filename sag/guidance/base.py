@@ -8,8 +8,9 @@ depends on the step, e.g. classifier guidance's DDPM mean form, reads it), and `
 sampler that the output already holds the model's clipped x0 with guidance applied after the clipping (the
 scheduler then runs with ``clip_sample=False``, as guided-diffusion does not clip a guided x0 again).
 :func:`as_guidance` lifts a plain model call (a ``DiffusionModel``, any function) to that contract, so samplers
-never ask which hooks a model call has. Guidance math happens in eps space; results are converted back to the
-model's prediction type. ``t`` may be a scalar (what ``scheduler.timesteps`` yields) or a (b,) tensor everywhere.
+never ask which hooks a model call has. Guidance math happens in eps space (in velocity space for flow models:
+``model.schedule.guidance_type``, see sag.schedule.FlowSchedule); results are converted back to the model's
+prediction type. ``t`` may be a scalar (what ``scheduler.timesteps`` yields) or a (b,) tensor everywhere.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class Window:
 
     ``every = k`` (default 1) keeps only every k-th iteration of the window active, counted from the window's
     first iteration (j = i - first, active when j % k == 0); the others cost what an inactive step costs.
+
+    The window knows the iteration only through :meth:`update` (``Guidance.begin_step(step, num_steps)``, which
+    :func:`sag.sampling.sample` calls before every iteration). A full window (start 0, stop 1, every 1) is active
+    without it; reading :attr:`active` of any other window before the first ``update`` raises a
+    :class:`SagConfigError` (a window that was never told the step would otherwise guide every step silently).
     """
 
     def __init__(self, start: float = 0.0, stop: float = 1.0, every: int = 1):
@@ -71,7 +77,28 @@ class Window:
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise SagConfigError(f"every={every!r}; accepted: a positive integer (1 = every step of the window)")
         self.start, self.stop, self.every = start, stop, int(every)
-        self.active = True
+        self._active: bool | None = None  # None: no update() yet
+
+    @property
+    def full(self) -> bool:
+        """Whether the window covers every iteration (start 0, stop 1, every 1): active without step calls."""
+        return (self.start, self.stop, self.every) == (0.0, 1.0, 1)
+
+    @property
+    def active(self) -> bool:
+        """Whether the current iteration (the last :meth:`update`) is guided; a full window is always active."""
+        if self._active is None:
+            if self.full:
+                return True
+            raise SagConfigError(
+                f"guidance window start={self.start:g}, stop={self.stop:g}, every={self.every} was called without "
+                "begin_step; accepted: call guidance.begin_step(i, num_steps) before each step of your loop, or "
+                "sample with sag.sampling.sample (it does)")
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = bool(value)
 
     def contains(self, step: int, num_steps: int) -> bool:
         """Whether iteration ``step`` of ``num_steps`` lies in [start, stop) (stop = 1 includes the end)."""
@@ -122,23 +149,30 @@ class Guidance:
 
     # --- conversions between raw outputs and eps --------------------------------------------------
     def to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(eps, learned variance or None) from a raw model output."""
+        """(eps, learned variance or None) from a raw model output. For a flow model (``schedule.guidance_type``
+        "flow") the quantity guidance combines is the velocity, returned as is (sag.schedule.FlowSchedule)."""
         pred, var = self.model.split(out)
-        return self.model.schedule.to_eps(pred, x_t, t, self.model.prediction_type), var
+        sched, kind = self.model.schedule, self.model.prediction_type
+        if sched.guidance_type == "epsilon":
+            return sched.to_eps(pred, x_t, t, kind), var
+        if kind == sched.guidance_type:
+            return pred, var
+        return sched.from_x0_eps(sched.to_x0(pred, x_t, t, kind), sched.to_eps(pred, x_t, t, kind), t,
+                                 sched.guidance_type), var
 
     def from_eps(self, eps: Tensor, x_t: Tensor, t: Tensor, var: Tensor | None) -> Tensor:
         """A raw model output (the model's prediction type, variance appended) from a guided eps."""
         m = self.model
-        if m.prediction_type == "epsilon":
+        if m.prediction_type == m.schedule.guidance_type:
             pred = eps
         else:
-            x0 = m.schedule.to_x0(eps, x_t, t, "epsilon")
+            x0 = m.schedule.to_x0(eps, x_t, t, m.schedule.guidance_type)
             pred = m.schedule.from_x0_eps(x0, eps, t, m.prediction_type)
         return pred if var is None else torch.cat([pred, var], dim=1)
 
     def x0(self, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The x0 estimate from eps (clipped to [-1, 1] for pixel models, as ADM's clip_denoised)."""
-        x0 = self.model.schedule.to_x0(eps, x_t, t, "epsilon")
+        x0 = self.model.schedule.to_x0(eps, x_t, t, self.model.schedule.guidance_type)
         return x0.clamp(-1, 1) if self.model.clip_denoised else x0
 
 

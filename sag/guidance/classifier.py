@@ -81,6 +81,9 @@ class ClassifierGuidance(Guidance):
     def __init__(self, model: DiffusionModel, classifier: nn.Module, scale: float = 1.0, start: float = 0.0,
                  stop: float = 1.0, inner=None, every: int = 1, form: str | None = None):
         super().__init__(model, inner, start, stop, every)
+        if model.schedule_family != "vp":  # the score form's sqrt(1 - ab) and the official DDPM mean are VP math
+            raise SagConfigError(f"classifier guidance on model {model.name!r} ({model.schedule_family} schedule): "
+                                 "its score and posterior-mean forms are VP-only; accepted: VP (DDPM/ADM) models")
         if model.conditioning == "text":
             raise SagConfigError(f"classifier guidance needs class labels; {model.name!r} is text-conditional")
         self.form = form if form is not None else getattr(model, "cg_form", "score")

@@ -227,7 +227,8 @@ def read_adm_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             obj: Any = load_file(str(p), device="cpu")
         except (SafetensorsError, OSError, RuntimeError, ValueError) as e:
-            raise SagConfigError(f"{p}: cannot read safetensors ({_first_line(e)}); expected {LAYOUT}") from None
+            raise SagConfigError(f"{p}: not a readable safetensors file ({_first_line(e)}); expected {LAYOUT}"
+                                 ) from None
     else:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)

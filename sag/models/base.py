@@ -10,13 +10,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sag.domains import check_domain
 from sag.errors import SagConfigError
-from sag.schedule import PREDICTION_TYPES, VPSchedule
+from sag.schedule import FLOW_PREDICTION_TYPES, PREDICTION_TYPES, FlowSchedule, VPSchedule
 
 CONDITIONING = ("none", "class", "text")
 # How the net is called: "unet" = net(x, t, ...) (UNet2DModel/UNet2DConditionModel); "transformer" =
-# net(x, timestep=t, ...) (DiTTransformer2DModel, whose unpatchify assumes a square token grid).
-CALL_STYLES = ("unet", "transformer")
+# net(x, timestep=t, ...) (DiTTransformer2DModel, whose unpatchify assumes a square token grid); "joint" =
+# net(hidden_states=x, timestep=t, **cond_kwargs(x, cond)) (MMDiT: SD3Transformer2DModel).
+CALL_STYLES = ("unet", "transformer", "joint")
+# The noise schedule family (sag.schedule): "vp" (alphas_cumprod; eps / v / x0) or "flow" (x_t = (1 - sigma) x0 +
+# sigma eps, sigma = t / T; velocity prediction "flow").
+SCHEDULE_FAMILIES = ("vp", "flow")
 
 
 @dataclass(eq=False)
@@ -37,7 +42,7 @@ class DiffusionModel:
     num_classes: int | None = None  # real classes; label ``num_classes`` is the null class when present
     has_null_class: bool = False
     class_names: list[str] | None = None
-    null_text: Tensor | None = None  # (1, L, D) embedding of the empty prompt for text models
+    null_text: Tensor | None = None  # (1, L, D) embedding of the empty prompt for text models (SDXL: packed)
     encode_prompt: Callable[[list[str]], Tensor] | None = None  # prompts -> (B, L, D) embeddings (text models)
     decoder: nn.Module | None = None  # latent models: a diffusers AutoencoderKL
     latent_scale: float = 1.0  # latents = vae.encode(x) * latent_scale (SD: 0.18215)
@@ -62,14 +67,34 @@ class DiffusionModel:
     adm_flags: dict[str, Any] | None = None
     source: str = "code"
     call_style: str = "unet"
+    # Text models whose net takes more than ``encoder_hidden_states`` (SDXL: pooled text embedding and time ids as
+    # ``added_cond_kwargs``): ``cond_kwargs(x_t, cond)`` -> the net's conditioning keyword arguments, unpacked from ONE
+    # cond tensor that packs them (sag.models.sdxl.pack_cond), so that every guidance wrapper concatenates and slices
+    # cond along the batch as plain embeddings. None: the net gets ``encoder_hidden_states=cond``.
+    cond_kwargs: Callable[[Tensor, Tensor], dict[str, Any]] | None = None
+    size_multiple: int = 1  # model-space H and W must be multiples of it (SDXL: the UNet's downsampling factor)
+    # "flow": a flow-matching model (SD3); ``alphas_cumprod`` then holds the VP alpha_bar of equal signal-to-noise
+    # ratio at each training timestep, (1 - s)^2 / ((1 - s)^2 + s^2) with s = (t + 1) / T (informative only: every
+    # conversion goes through ``schedule``, a FlowSchedule)
+    schedule_family: str = "vp"
+    latent_shift: float = 0.0  # latents = (vae.encode(x) - latent_shift) * latent_scale (SD3's VAE shift_factor)
+    # The data domain the model declares (sag.domains): "embedded-scenes" for the embedded model (and the test
+    # stand-in tiny_pixel_cond); None for every other model. Only a declared domain's helpers (scenes probe,
+    # segmenter, scene classifier, reference scenes) are applied to the model (sag.domains.require_domain).
+    domain: str | None = None
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.prediction_type!r}; accepted: {PREDICTION_TYPES}")
+        if self.schedule_family not in SCHEDULE_FAMILIES:
+            raise ValueError(f"schedule_family {self.schedule_family!r}; accepted: {SCHEDULE_FAMILIES}")
+        accepted = FLOW_PREDICTION_TYPES if self.schedule_family == "flow" else PREDICTION_TYPES
+        if self.prediction_type not in accepted:
+            raise ValueError(f"prediction_type {self.prediction_type!r} ({self.schedule_family} schedule); "
+                             f"accepted: {accepted}")
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"conditioning {self.conditioning!r}; accepted: {CONDITIONING}")
         if self.call_style not in CALL_STYLES:
             raise ValueError(f"call_style {self.call_style!r}; accepted: {CALL_STYLES}")
+        check_domain(self.domain, f"model {self.name!r}")
         self.net.eval().requires_grad_(False)
         if self.decoder is not None:
             self.decoder.eval().requires_grad_(False)
@@ -81,6 +106,9 @@ class DiffusionModel:
             t = t.expand(x_t.shape[0])
         if self.conditioning == "class" and cond is None:
             raise ValueError(f"model {self.name!r} is class-conditional: pass class labels as cond")
+        if self.call_style == "joint":  # MMDiT: text and pooled embeddings from the packed cond
+            cond = self.null_cond(x_t.shape[0]) if cond is None else cond
+            return self.net(hidden_states=x_t, timestep=t, **self.cond_kwargs(x_t, cond)).sample
         if self.call_style == "transformer":  # DiT: class labels or nothing
             self.validate(tuple(x_t.shape[-2:]))
             return self.net(x_t, timestep=t, class_labels=cond).sample
@@ -89,7 +117,8 @@ class DiffusionModel:
         if self.conditioning == "text":
             if cond is None:
                 cond = self.null_cond(x_t.shape[0])
-            return self.net(x_t, t, encoder_hidden_states=cond).sample
+            kwargs = {"encoder_hidden_states": cond} if self.cond_kwargs is None else self.cond_kwargs(x_t, cond)
+            return self.net(x_t, t, **kwargs).sample
         return self.net(x_t, t).sample
 
     def validate(self, size: tuple[int, int]) -> None:
@@ -97,6 +126,11 @@ class DiffusionModel:
         if self.call_style == "transformer" and size[0] != size[1]:
             raise SagConfigError(f"size={list(size)}: model {self.name!r} ({type(self.net).__name__}) needs a square "
                                  "latent (diffusers' DiT unpatchify assumes h == w); accepted: [S, S]")
+        m = self.size_multiple
+        if size[0] % m or size[1] % m:
+            raise SagConfigError(f"size={list(size)}: model {self.name!r} needs H and W (model space) that are "
+                                 f"multiples of {m} (its UNet downsamples by {m}); accepted: e.g. "
+                                 f"{[-(-size[0] // m) * m, -(-size[1] // m) * m]}")
 
     def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
         """(prediction, learned variance or None); the variance is the second half of the channels."""
@@ -106,8 +140,11 @@ class DiffusionModel:
         return out[:, :c], out[:, c:]
 
     @cached_property
-    def schedule(self) -> VPSchedule:
-        """The VP schedule of ``alphas_cumprod`` at continuous t (eps / x0 / v conversions)."""
+    def schedule(self) -> VPSchedule | FlowSchedule:
+        """The schedule at continuous t (eps / x0 / v / velocity conversions): the VP schedule of ``alphas_cumprod``,
+        or for ``schedule_family="flow"`` the flow path over ``alphas_cumprod.numel()`` training timesteps."""
+        if self.schedule_family == "flow":
+            return FlowSchedule(self.alphas_cumprod.numel())
         return VPSchedule(self.alphas_cumprod)
 
     # --- conditioning -----------------------------------------------------------------------------------
@@ -133,7 +170,8 @@ class DiffusionModel:
     def to_images(self, x: Tensor) -> Tensor:
         """Model-space samples -> images in [-1, 1] (decodes latents)."""
         if self.decoder is not None:
-            x = self.decoder.decode(x / self.latent_scale).sample
+            z = x / self.latent_scale
+            x = self.decoder.decode(z + self.latent_shift if self.latent_shift else z).sample
         return x.clamp(-1, 1)
 
     # --- device -----------------------------------------------------------------------------------------
@@ -166,7 +204,9 @@ class DiffusionModel:
         return {
             "name": self.name,
             "source": self.source,
+            "domain": self.domain,
             "prediction_type": self.prediction_type,
+            "schedule_family": self.schedule_family,
             "learned_variance": self.learned_variance,
             "conditioning": self.conditioning,
             "num_classes": self.num_classes,

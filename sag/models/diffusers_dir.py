@@ -7,6 +7,8 @@ Supported layouts:
 * a Stable Diffusion 1.x/2.x pipeline (``unet/`` UNet2DConditionModel, ``vae/``, ``text_encoder/`` CLIPTextModel,
   ``tokenizer/`` CLIPTokenizer, ``scheduler/``): prompts are embedded as ``StableDiffusionPipeline.encode_prompt``
   does (``model.encode_prompt``), the unconditional input is the empty (or ``negative_prompt``) embedding;
+* Stable Diffusion XL / 3 pipelines (``StableDiffusionXLPipeline``; ``StableDiffusion3Pipeline``, flow matching):
+  :mod:`sag.models.sdxl` and :mod:`sag.models.sd3`, which register the ``sdxl`` and ``sd3`` families;
 * a DiT pipeline (``transformer/`` DiTTransformer2DModel, or the legacy Transformer2DModel with
   ``norm_type="ada_norm_zero"``, ``vae/``, ``scheduler/``): class-conditional with learned sigma; label
   ``num_embeds_ada_norm`` (1000 for ImageNet) is the null class used for classifier-free guidance;
@@ -23,14 +25,17 @@ from typing import Any
 
 import diffusers
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
+from sag.domains import declared_domain
 from sag.errors import SagConfigError
 from sag.models.base import DiffusionModel
 
 LAYOUT = (
     "a local diffusers directory: a pipeline (model_index.json: DDPMPipeline/DDIMPipeline with unet/, "
-    "StableDiffusionPipeline with unet/ vae/ text_encoder/ tokenizer/, DiTPipeline with transformer/ vae/; "
+    "StableDiffusionPipeline with unet/ vae/ text_encoder/ tokenizer/, StableDiffusionXLPipeline with also "
+    "text_encoder_2/ tokenizer_2/, StableDiffusion3Pipeline (+ _3 parts), DiTPipeline with transformer/ vae/; "
     "plus scheduler/) or a bare UNet2DModel/UNet2DConditionModel/DiTTransformer2DModel folder (config.json + weights)"
 )
 # config.json ``_class_name`` of the denoiser -> its family (see :func:`_family`)
@@ -39,6 +44,7 @@ FAMILIES = {
     "UNet2DConditionModel": "text",  # Stable Diffusion 1.x/2.x: CLIP text embeddings
     "DiTTransformer2DModel": "dit",  # DiT: class labels, learned sigma
     "Transformer2DModel": "dit",  # legacy DiT class, only with norm_type ada_norm_zero
+    "SD3Transformer2DModel": "sd3",  # SD3: flow matching, joint attention (fields: sag.models.sd3, registered)
 }
 NET_CLASSES = tuple(FAMILIES)
 # model_index.json ``_class_name`` -> the denoiser component
@@ -47,11 +53,14 @@ PIPELINES = {
     "DDIMPipeline": "unet",
     "StableDiffusionPipeline": "unet",
     "StableDiffusionSAGPipeline": "unet",
+    "StableDiffusionXLPipeline": "unet",
     "DiTPipeline": "transformer",
+    "StableDiffusion3Pipeline": "transformer",
 }
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
 TEXT_ENCODERS = ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+COMPONENTS = ("vae", *(p + s for s in ("", "_2", "_3") for p in ("text_encoder", "tokenizer")))  # parts read
 # The training-schedule entries of a scheduler config: they define the model's alphas_cumprod. Every other entry
 # (timestep_spacing, steps_offset, clip_sample, variance_type, set_alpha_to_one, ...) is a sampler setting, carried
 # with them into ``scheduler_config`` so that ``make_scheduler`` builds what diffusers' ``from_config`` builds from the
@@ -81,7 +90,7 @@ def _subdir(root: Path, index_file: Path, key: str, cls: str) -> Path:
     if not d.is_dir():
         raise SagConfigError(f"{index_file} names {key} {cls!r} but the folder {d} is missing; copy the pipeline's "
                              f"{key}/ folder there")
-    if key != "tokenizer" and not (d / "config.json").is_file():
+    if not key.startswith("tokenizer") and not (d / "config.json").is_file():
         raise SagConfigError(f"{d} has no config.json; expected the save_pretrained folder of a {cls}")
     return d
 
@@ -93,7 +102,7 @@ def _locate(path: Path) -> dict:
     if not path.is_dir():
         raise SagConfigError(f"model.path {str(path)!r} is a file, not a directory; expected {LAYOUT}")
     sched = path / "scheduler" if (path / "scheduler").is_dir() else None
-    parts = {"net": path, "scheduler": sched, "vae": None, "text_encoder": None, "tokenizer": None, "index": {}}
+    parts = {"net": path, "scheduler": sched, "index": {}, **dict.fromkeys(COMPONENTS)}
     index_file = path / "model_index.json"
     if index_file.is_file():
         index = _read_json(index_file)
@@ -106,7 +115,7 @@ def _locate(path: Path) -> dict:
             raise SagConfigError(f"{index_file} names no {key or 'unet or transformer'!r} component; "
                                  f"expected {LAYOUT}")
         parts.update(net=_subdir(path, index_file, key, _component(index, key)), index=index)
-        for part in ("vae", "text_encoder", "tokenizer"):
+        for part in COMPONENTS:
             cls = _component(index, part)
             if cls is not None:
                 parts[part] = _subdir(path, index_file, part, cls)
@@ -122,8 +131,18 @@ def _load_error(folder: Path, cls_name: str, e: Exception) -> SagConfigError:
     mismatch = next((ln for ln in lines if "size mismatch" in ln or "shape" in ln and "checkpoint" in ln), None)
     if mismatch is not None:
         return SagConfigError(f"{folder / 'config.json'} does not match the weights in {folder}: {mismatch}")
+    for weights in sorted(folder.glob("*.safetensors")):  # diffusers only says "Unable to load weights": name why
+        try:
+            safe_open(str(weights), framework="pt").keys()
+        except Exception as bad:  # safetensors raises SafetensorError (header) or OSError
+            return SagConfigError(f"{weights}: not a readable safetensors file ({_one_line(bad)}); accepted: a "
+                                  "complete weights file (copy or export it again)")
     first = lines[0] if lines else type(e).__name__
     return SagConfigError(f"{folder}: cannot load {cls_name} weights: {first}")
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
 
 
 def _check_loading_info(folder: Path, cls_name: str, info: dict) -> None:
@@ -228,6 +247,12 @@ def _family(net_dir: Path, cfg: dict) -> tuple[str, str]:
                                  f"(norm_type 'ada_norm_zero' with patch_size), not norm_type "
                                  f"{cfg.get('norm_type')!r}")
         cls_name = "DiTTransformer2DModel"  # what diffusers itself remaps it to
+    added = cfg.get("addition_embed_type")
+    if cls_name == "UNet2DConditionModel" and added is not None:
+        if added != "text_time":
+            raise SagConfigError(f"{net_dir / 'config.json'}: addition_embed_type {added!r} is not supported; "
+                                 "accepted: null (Stable Diffusion 1.x/2.x) or 'text_time' (SDXL)")
+        return "sdxl", cls_name  # fields: sag.models.sdxl (registered)
     return FAMILIES[cls_name], cls_name
 
 
@@ -282,7 +307,12 @@ def _dit_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype:
     return fields
 
 
-_FAMILY_FIELDS = {"unet": _unet_fields, "text": _text_fields, "dit": _dit_fields}
+_FAMILY_FIELDS = {"unet": _unet_fields, "text": _text_fields, "dit": _dit_fields}  # + registered families
+
+
+def register_family(family: str, fields) -> None:  # a module using these helpers registers itself (sag.models.sdxl)
+    """Add the fields builder (signature of :func:`_text_fields`) of a family that :func:`_family` names."""
+    _FAMILY_FIELDS[family] = fields
 
 
 # --- the shared parts ---------------------------------------------------------------------------------------
@@ -341,24 +371,23 @@ def load_diffusers_dir(
     parts = _locate(root)
     cfg = _read_json(parts["net"] / "config.json")
     family, cls_name = _family(parts["net"], cfg)
-    if negative_prompt is not None and family != "text":
+    if negative_prompt is not None and family not in ("text", "sdxl", "sd3"):
         raise SagConfigError(f"negative_prompt={negative_prompt!r} but {root} holds a {cls_name}, not a text model")
+    if prediction_type is not None and family == "sd3":  # a flow model's prediction is its velocity, always
+        raise SagConfigError(f"prediction_type={prediction_type!r}: {root} holds an SD3 flow model; accepted: null")
     torch_dtype = _torch_dtype(dtype)
     net = _load_diffusers_model(cls_name, parts["net"], torch_dtype)
     sched_cfg = _scheduler_config(parts["scheduler"])
     vae, latent_scale = _load_vae(root, parts, torch_dtype)
     clip_x0 = vae is None and bool(sched_cfg.get("clip_sample", True))  # latents are never clipped
     fields = {"clip_denoised": clip_x0, **_FAMILY_FIELDS[family](root, parts, cfg, net, torch_dtype, negative_prompt)}
-    if clip_denoised is not None:
-        fields["clip_denoised"] = clip_denoised
     pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
     in_ch = int(cfg.get("in_channels", 3))
     out_ch = int(cfg.get("out_channels") or in_ch)
     size = cfg.get("sample_size", 32)
-    return DiffusionModel(
-        name=root.name,
-        net=net,
-        alphas_cumprod=_alphas_cumprod(sched_cfg),
+    return DiffusionModel(**{**dict(  # a family's fields win (sd3: flow schedule, prediction type, scheduler config)
+        name=root.name, net=net,
+        alphas_cumprod=_alphas_cumprod(sched_cfg) if family != "sd3" else None,
         prediction_type=pred,
         learned_variance=out_ch == 2 * in_ch or sched_cfg.get("variance_type") in ("learned", "learned_range"),
         decoder=vae,
@@ -366,6 +395,5 @@ def load_diffusers_dir(
         sample_size=tuple(size) if isinstance(size, list | tuple) else (int(size), int(size)),
         in_channels=in_ch,
         scheduler_config=dict(sched_cfg, prediction_type=pred),
-        source=str(root.resolve()),
-        **fields,
-    )
+        source=str(root.resolve()), domain=declared_domain(str(root), parts["index"], cfg),  # sag.domains
+    ), **fields, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})})  # the user's clip wins
