@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments.cli import entry_point
 from experiments.common import capture_run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="capture")
+@entry_point("capture")
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     manifest = capture_run(cfg, out)

@@ -4,33 +4,19 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sag import inputs, stages
-from sag.errors import SagConfigError
-from sag.inputs import RunInputs
-from sag.models import DiffusionModel
+from experiments.errors import user_errors  # noqa: F401  (the entry points' one-line errors)
 
+if TYPE_CHECKING:  # start-up: torch, diffusers and the sag modules load inside the functions, after the config
+    import torch  # is composed and validated, so a bad key or --help answers in about a second
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn bad-input errors into one line on stderr and exit status 2 (no traceback)."""
-    try:
-        yield
-    except (InstantiationException, SagConfigError) as e:
-        cause = e.__cause__ if isinstance(e, InstantiationException) else e
-        if not isinstance(cause, SagConfigError):
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    from sag.inputs import RunInputs
+    from sag.models import DiffusionModel
 
 
 def plain(value):  # a config value as plain Python (lists and dicts resolved); scalars unchanged
@@ -41,8 +27,15 @@ def select(cfg: DictConfig, *keys: str) -> dict:  # {key: plain(cfg[key])}: keyw
     return {k: plain(cfg[k]) for k in keys}
 
 
-def build_model(cfg: DictConfig) -> DiffusionModel:  # the model of cfg.model on cfg.device (default cpu)
-    return instantiate(cfg.model, device=cfg.get("device", "cpu"))
+def build_model(cfg: DictConfig) -> DiffusionModel:  # cfg.model on cfg.device (default cpu; auto: one job per GPU)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from sag.devices import assign_device  # auto: cuda:<hydra.job.num or Slurm task rank mod GPUs>, else cpu
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    job_num = hc.job.num if hc is not None and hc.mode == RunMode.MULTIRUN else None
+    return instantiate(cfg.model, device=assign_device(cfg.get("device", "cpu"), job_num))
 
 
 def build_scheduler(cfg: DictConfig, model: DiffusionModel):  # cfg.scheduler is a partial taking the model
@@ -58,12 +51,16 @@ def load_classifier(cfg: DictConfig, model: DiffusionModel):
 
 def run_inputs(cfg: DictConfig) -> RunInputs:
     """Seeds (and shard), steps, batch size and size of the config, validated (:func:`sag.inputs.run_inputs`)."""
+    from sag import inputs  # torch-free: validates before the heavy imports
+
     return inputs.run_inputs(cfg.seeds, steps=cfg.steps, batch_size=cfg.batch_size, shard=cfg.get("shard"),
                              size=plain(cfg.get("size")))
 
 
 def conditions(cfg: DictConfig, model: DiffusionModel, run: RunInputs) -> torch.Tensor | None:
     """Labels or prompt embeddings of this shard's seeds from ``labels`` / ``prompt`` of the config."""
+    from sag import inputs
+
     return inputs.conditions(model, run, labels=plain(cfg.get("labels")), prompt=plain(cfg.get("prompt")))
 
 
@@ -71,7 +68,9 @@ def capture_run(cfg: DictConfig, out) -> dict:
     """The capture stage (experiments.capture; studies / the main job when they capture first): validate, then
     record the selected layers of ``cfg.seeds`` into ``out`` (:func:`sag.stages.capture_run`); returns run.json."""
     with user_errors():
-        run = run_inputs(cfg)
+        run = run_inputs(cfg)  # before the heavy imports: a bad seed spec or steps answers at once
+        from sag import stages
+
         spec = instantiate(cfg.capture, _convert_="all")
         model = build_model(cfg)
         scheduler = build_scheduler(cfg, model)

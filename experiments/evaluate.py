@@ -15,17 +15,21 @@ CIs over seeds; ``calls_per_image`` is counted (network evaluations per image) o
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from experiments.sweeps import run_sweep
-from sag.sweep import quality_settings
+from experiments.cli import entry_point
+from experiments.common import run_inputs
 
-SETTINGS_KEYS = ("sag_scales", "blur_scales", "combos", "combo_sag_scale", "cfg_scale", "cg_scale")
+SETTINGS_KEYS = ("sag_scales", "blur_scales", "combos", "combo_sag_scale", "cfg_scale", "cg_scale", "family",
+                 "family_options")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@entry_point("evaluate")
 def main(cfg: DictConfig) -> None:
+    run_inputs(cfg)  # seeds, steps, batch size, size: refused before the heavy imports (run_sweep checks again)
+    from experiments.sweeps import run_sweep  # heavy (torch, evaluators): after --help and config errors
+    from sag.sweep import quality_settings
+
     run_sweep(cfg, quality_settings, SETTINGS_KEYS, "quality", "evaluate")
 
 

@@ -14,17 +14,20 @@ the unguided run (and CFG alone for sag_cfg). ``calls_per_image`` is counted wit
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from experiments.sweeps import run_sweep
-from sag.sweep import frontier_settings
+from experiments.cli import entry_point
+from experiments.common import run_inputs
 
-SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every")
+SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every", "family", "family_options")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="frontier")
+@entry_point("frontier")
 def main(cfg: DictConfig) -> None:
+    run_inputs(cfg)  # seeds, steps, batch size, size: refused before the heavy imports (run_sweep checks again)
+    from experiments.sweeps import run_sweep  # heavy (torch, evaluators): after --help and config errors
+    from sag.sweep import frontier_settings
+
     run_sweep(cfg, frontier_settings, SETTINGS_KEYS, "frontier", "frontier")
 
 

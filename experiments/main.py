@@ -1,6 +1,6 @@
 """The main job: every stage on the embedded model, then the figures and the HTML reports.
 
-    python -m experiments.main                       # = make run; prints the report's path at the end
+    python -m experiments.main                       # = make run; prints <out_dir>/index.html last
     python -m experiments.main out_dir=<dir>         # resume: stages whose output is complete are skipped
     python -m experiments.main main_scale=tiny       # the same pipeline on the tiny random model (~1 min)
 
@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.cli import entry_point
 from sag.io import atomic_write_text
 
 STAGES = ("capture", "studies", "evaluate", "frontier", "bench", "figures", "report")
@@ -45,9 +45,9 @@ def child(module: str, args: list[str], env: dict) -> None:
     cmd = [sys.executable, "-m", module, *args]
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-    if rc != 0:
-        raise SystemExit(f"error: stage {module} failed (exit {rc}); fix it and rerun the same command with "
-                         f"out_dir=<this run> to resume")
+    if rc != 0:  # exit 2 (a user error, the stage printed its line) is passed on as exit 2
+        print(f"error: stage {module} failed (exit {rc}); fix it, then resume: out_dir=<this run>", file=sys.stderr)
+        raise SystemExit(2 if rc == 2 else 1)
 
 
 def gather_tables(out: Path) -> list[Path]:
@@ -78,15 +78,13 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, env: dict) -> None:
         child("experiments.figures", [f"run_dir={out}", f"capture_dir={out / 'capture'}",
                                       f"sweep_dir={out / 'evaluate' / 'settings'}"], env)
     elif stage == "report":
-        from analysis.report import render_notebook
+        from analysis.report import render_reports  # the HTML reports, then <out>/index.html
 
-        params = {"RUN_DIR": str(out), "CAPTURE_DIR": str(out / "capture"),
-                  "SWEEP_DIR": str(out / "evaluate" / "settings")}
-        for name, script in NOTEBOOKS.items():
-            print(f"report: {render_notebook(script, out, out / 'report' / f'{name}.html', params=params)}")
+        render_reports(NOTEBOOKS, out, params={"CAPTURE_DIR": str(out / "capture"),
+                                               "SWEEP_DIR": str(out / "evaluate" / "settings")})
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="main")
+@entry_point("main")
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir).resolve()
     stages = list(cfg.stages)
@@ -111,8 +109,8 @@ def main(cfg: DictConfig) -> None:
     log["total_s_this_invocation"] = round(time.perf_counter() - t_all, 1)
     atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
     print(f"main job: {log['total_s_this_invocation']:.0f} s; stage times in {log_path}")
-    for name in NOTEBOOKS if "report" in stages else ():
-        print(f"report: {out / 'report' / f'{name}.html'}")
+    if "report" in stages:  # the index page last: it links everything the run produced
+        print("\n".join([f"report: {out / 'report' / f'{n}.html'}" for n in NOTEBOOKS] + [f"index: {out}/index.html"]))
 
 
 if __name__ == "__main__":

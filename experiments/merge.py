@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, ListConfig
 
+from experiments.cli import entry_point
 from experiments.common import user_errors
 from sag.errors import SagConfigError
-from sag.shards import discover_runs, merge_runs
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
+@entry_point("merge", save_config=False)
 def main(cfg: DictConfig) -> None:
+    from sag.shards import discover_runs, merge_runs  # numpy, pandas, PIL: after --help
+
     with user_errors():
         if cfg.out is None or not str(cfg.out).strip():
             raise SagConfigError(f"out={cfg.out!r}; accepted: a new or empty dir for the merged run")
@@ -32,8 +33,10 @@ def main(cfg: DictConfig) -> None:
         else:
             raise SagConfigError(f"runs={cfg.runs!r}; accepted: a sweep dir or a list of run dirs")
         seeds = None if cfg.seeds is None else str(cfg.seeds)
+        done_before = (out / "run.json").is_file()  # merge_runs returns such a dir only if it holds this merge
         manifest = merge_runs(runs, out, seeds=seeds)
-    print(f"merged {len(runs)} run(s), seeds {manifest['seeds']} -> {out}")
+    if not done_before:  # else merge_runs said "already merged, nothing to do"
+        print(f"merged {len(runs)} run(s), seeds {manifest['seeds']} -> {out}")
     print(f"samples: {manifest['samples']}")
     if manifest.get("records"):
         print(f"records: {manifest['records']} ({manifest.get('record_rows')} rows)")

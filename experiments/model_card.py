@@ -19,28 +19,39 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from sag.data import SHAPES, make_scenes
-from sag.evaluators import accuracy, frechet_distance, load_evaluator
-from sag.io import atomic_write_text
-from sag.models import load_model
-from sag.runs import save_grid, to_uint8
-from sag.sampling import sample
-from sag.schedulers import make_scheduler
+if TYPE_CHECKING:  # torch and the sag modules load in main(), after the arguments parse (fast --help)
+    import numpy as np
+    import torch
 
 HELD_OUT_SEED = 3
 
 
-@torch.no_grad()
 def features(clf, images: torch.Tensor, batch: int = 250) -> np.ndarray:
-    return torch.cat([clf.features(images[i : i + batch]) for i in range(0, len(images), batch)]).cpu().numpy()
+    """The classifier's penultimate features of ``images`` (n, 128) as numpy, in batches of ``batch``."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([clf.features(images[i : i + batch]) for i in range(0, len(images), batch)]).cpu().numpy()
+
+
+def class_model(model_dir: str | None, device):
+    """The model to measure on ``device``: a diffusers dir or the embedded model; class-conditional (the protocol
+    samples labels seed % classes and scores class accuracy), else a one-line SagConfigError."""
+    from sag.errors import SagConfigError
+    from sag.models import load_model
+
+    model = (load_model("diffusers_dir", path=model_dir) if model_dir else load_model("embedded")).to(device)
+    if model.conditioning != "class":
+        raise SagConfigError(f"--model-dir {model_dir}: a {model.conditioning!r}-conditioned model; accepted: a "
+                             "class-conditional diffusers dir")
+    return model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.model_card", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="a diffusers dir; default: the embedded model")
     ap.add_argument("--evaluators", default=None, help="dir with classifier/; default: the embedded evaluators")
     ap.add_argument("--n", type=int, default=1000)
@@ -49,10 +60,18 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/model_card/metrics.json")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; the seeds' noise is drawn on the CPU either way")
     args = ap.parse_args()
+    import torch
+
+    from sag.data import SHAPES, make_scenes
+    from sag.evaluators import accuracy, frechet_distance, load_evaluator
+    from sag.io import atomic_write_text
+    from sag.runs import save_grid, to_uint8
+    from sag.sampling import sample
+    from sag.schedulers import make_scheduler
+
     torch.set_num_threads(2)
     device = torch.device(args.device)
-    model = load_model("diffusers_dir", path=args.model_dir) if args.model_dir else load_model("embedded")
-    model = model.to(device)
+    model = class_model(args.model_dir, device)
     clf = load_evaluator("classifier", Path(args.evaluators) / "classifier" if args.evaluators else None, device)
     seeds = list(range(args.n))
     labels = torch.tensor([s % model.num_classes for s in seeds])
@@ -91,4 +110,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from experiments.cli import user_errors
+
+    with user_errors():  # a bad --model-dir / --evaluators: one line, exit 2
+        main()

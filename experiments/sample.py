@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from experiments.cli import entry_point
 from experiments.common import (
     build_model,
     build_scheduler,
@@ -22,14 +22,15 @@ from experiments.common import (
     run_inputs,
     user_errors,
 )
-from sag.guidance.base import as_guidance
-from sag.runs import run_sampling
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        run = run_inputs(cfg)
+        run = run_inputs(cfg)  # before the heavy imports below: a bad seed spec or steps answers at once
+        from sag.guidance.base import as_guidance
+        from sag.runs import run_sampling
+
         model = build_model(cfg)
         scheduler = build_scheduler(cfg, model)
         kind = cfg.guidance.kind

@@ -2,6 +2,8 @@
 
     python -m experiments.studies run_dir=outputs/capture/<stamp>     # analyse a capture run
     python -m experiments.studies seeds=0-63 steps=20                 # run_dir=null: capture first
+    python -m experiments.studies run_dir=<run> correlation_modes=[samples] object_masks=files object_masks_dir=<dir>
+                                                                      # Exp. C with your own masks (any model)
 
 Writes ``<run_dir>/tables/{attention_timesteps,frequency,frequency_surface,object_correlation,stats,claims}``
 (analysis.schemas) and prints where, with the capture and analysis wall times. The work is
@@ -11,17 +13,15 @@ Writes ``<run_dir>/tables/{attention_timesteps,frequency,frequency_surface,objec
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.driver import ClaimsSettings, ScenesSettings, check_studies, run_studies
-from analysis.studies import Settings
-from analysis.tables import TableError, write_table
-from experiments.common import capture_run, user_errors
+from experiments.cli import entry_point
+from experiments.common import capture_run, run_inputs, user_errors
 from sag.errors import SagConfigError
 
 
@@ -32,19 +32,37 @@ def run_model(cfg: DictConfig, run_dir: Path):
     return instantiate(model_cfg, device=cfg.get("device", "cpu"))
 
 
+def check_before_capture(cfg: DictConfig, run_dir: Path, studies, modes, masks) -> None:
+    """What run_studies checks on a run, before capturing one: the model's domain (the model is built once more
+    for it, only when Exp. C needs a helper of the embedded domain) and one mask file per seed."""
+    from analysis.driver import check_sources
+
+    if "correlation" in studies and ("scenes" in modes or masks.needs_domain):
+        check_sources(run_model(cfg, run_dir), studies, modes, masks)
+    if "correlation" in studies and "samples" in modes and not masks.needs_domain:
+        masks.check_seeds(run_inputs(cfg).seeds)
+
+
 def plain(node) -> dict:
     """A config section as a plain dict (interpolations resolved)."""
     return OmegaConf.to_container(node, resolve=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="studies")
+@entry_point("studies")
 def main(cfg: DictConfig) -> None:
+    from analysis.driver import ClaimsSettings, ScenesSettings, check_studies, run_studies  # after --help/parsing
+    from analysis.masks_source import ObjectMasks
+    from analysis.studies import Settings
+    from analysis.tables import TableError, write_table
+
     with user_errors():
         settings = Settings(**plain(cfg.analysis))
         studies, modes = check_studies(cfg.studies, cfg.correlation_modes)
         scenes, claims = ScenesSettings(**plain(cfg.scenes)), ClaimsSettings(**plain(cfg.claims))
+        masks = ObjectMasks.parse(cfg.object_masks, cfg.object_masks_dir)
         if cfg.run_dir is None:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
+            check_before_capture(cfg, run_dir, studies, modes, masks)
             capture_run(cfg, run_dir)
         else:
             run_dir = Path(cfg.run_dir)
@@ -52,14 +70,26 @@ def main(cfg: DictConfig) -> None:
                 raise SagConfigError(f"run_dir={cfg.run_dir!r} is not a directory; accepted: a capture run dir")
         try:
             result = run_studies(run_dir, settings, studies=studies, modes=modes, scenes=scenes, claims=claims,
-                                 model=lambda: run_model(cfg, run_dir))
+                                 model=lambda: run_model(cfg, run_dir), object_masks=masks)
         except TableError as e:
             raise SagConfigError(str(e)) from None
     for name, df in result.tables.items():
         print(f"{name}: {write_table(df, run_dir, name)} ({len(df)} rows)")
     for line in result.timing_lines():
         print(line)
+    print(f"tables: {run_dir / 'tables'}")
+
+
+def own_dir_inside(argv: list[str]) -> list[str]:
+    """``argv`` plus ``hydra.run.dir=<run_dir>/studies`` when it analyses an existing run (``run_dir=<dir>``) and
+    names no run dir of its own: the job's config and log then go inside the analysed run, as the main job sets
+    them, and nothing is created in the current directory (Hydra would make ``outputs/studies/<time>/``)."""
+    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in argv[1:] if "=" in a}
+    if given.get("run_dir") in (None, "null", "") or "hydra.run.dir" in given or "--multirun" in argv or "-m" in argv:
+        return argv
+    return [argv[0], f"hydra.run.dir={Path(given['run_dir']) / 'studies'}", *argv[1:]]  # before any --flag
 
 
 if __name__ == "__main__":
+    sys.argv = own_dir_inside(sys.argv)
     main()

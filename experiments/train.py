@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import json
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.cli import entry_point
 from experiments.common import user_errors
-from sag.training import train
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point("train")
 def main(cfg: DictConfig) -> None:
     out = HydraConfig.get().runtime.output_dir  # = out_dir, resolved once at startup
+    from sag.training import train  # torch, diffusers: after --help and config errors
+
     with user_errors():
         summary = train(OmegaConf.to_container(cfg, resolve=True), out)  # sag takes plain dicts
     print(json.dumps(summary, indent=2))
+    print(f"wrote: {out} (loss.csv, checkpoints/last.pt, export/)")
 
 
 if __name__ == "__main__":

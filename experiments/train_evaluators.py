@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import json
 
-import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.cli import entry_point
 from experiments.common import user_errors
 from sag.errors import SagConfigError
-from sag.evaluators import EVALUATORS
-from sag.evaluators.train import train_evaluator
-from sag.inputs import check_positive
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_evaluators")
+@entry_point("train_evaluators")
 def main(cfg: DictConfig) -> None:
     out = HydraConfig.get().runtime.output_dir  # = out_dir, resolved once at startup
     with user_errors():
         settings = OmegaConf.to_container(cfg, resolve=True)  # sag takes plain dicts
-        torch.set_num_threads(check_positive("threads", settings["threads"]))
+        from sag.inputs import check_positive
+
+        threads = check_positive("threads", settings["threads"])
+        import torch  # torch, the evaluators: after --help and the cheap checks
+
+        from sag.evaluators import EVALUATORS
+        from sag.evaluators.train import train_evaluator
+
+        torch.set_num_threads(threads)
         kinds = list(settings["kinds"])
         bad = [k for k in kinds if k not in EVALUATORS]
         if bad or not kinds:
@@ -37,6 +41,7 @@ def main(cfg: DictConfig) -> None:
             summary = train_evaluator(kind, settings, out)
             print(json.dumps(summary, indent=2), flush=True)
             print(f"{kind}: wrote {summary['weights']} and config.json", flush=True)
+    print(f"evaluators: {out}")
 
 
 if __name__ == "__main__":

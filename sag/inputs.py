@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from sag.errors import SagConfigError
-from sag.models import DiffusionModel
 from sag.seeds import format_seeds, parse_seeds
 from sag.shards import parse_shard, shard_cond, shard_seeds
+
+if TYPE_CHECKING:  # torch loads only where a tensor is made: run_inputs validates before the heavy imports
+    import torch
+
+    from sag.models import DiffusionModel
 
 
 def check_positive(name: str, value) -> int:
@@ -63,6 +66,8 @@ def class_labels(model: DiffusionModel, seeds: list[int], labels: Sequence[int] 
     if len(labels) not in (1, len(seeds)) or any(not 0 <= int(v) < model.num_classes for v in labels):
         raise SagConfigError(f"labels={labels}; accepted: one label or one per seed, each in "
                              f"[0, {model.num_classes})")
+    import torch
+
     return torch.tensor([int(v) for v in labels], dtype=torch.long)
 
 
@@ -87,9 +92,25 @@ def text_cond(model: DiffusionModel, seeds: list[int], prompt: str | Sequence[st
     return model.encode_prompt(prompts)
 
 
+def check_applicable(model: DiffusionModel, *, labels=None, prompt=None) -> None:
+    """Refuse conditioning inputs the model cannot use (never drop them): ``labels`` need a class-conditional
+    model, ``prompt`` a text model."""
+    kind = model.conditioning
+    if labels is not None and kind != "class":
+        use = "prompt=<text> instead" if kind == "text" else "labels=null (the model is unconditional)"
+        raise SagConfigError(f"labels={labels!r} but model {model.name!r} is not class-conditional (conditioning "
+                             f"{kind!r}); accepted: {use}")
+    if prompt is not None and kind != "text":
+        use = "labels=[...] instead" if kind == "class" else "prompt=null (the model is unconditional)"
+        raise SagConfigError(f"prompt={prompt!r} but model {model.name!r} is not a text model (conditioning "
+                             f"{kind!r}); accepted: {use}")
+
+
 def conditions(model: DiffusionModel, inputs: RunInputs, *, labels: Sequence[int] | None = None,
                prompt: str | Sequence[str] | None = None) -> torch.Tensor | None:
-    """Labels or prompt embeddings of this shard's seeds (per-seed lists are given for all seeds)."""
+    """Labels or prompt embeddings of this shard's seeds (per-seed lists are given for all seeds). Inputs the
+    model cannot use are refused (:func:`check_applicable`)."""
+    check_applicable(model, labels=labels, prompt=prompt)
     cond = (class_labels(model, inputs.all_seeds, labels) if model.conditioning == "class"
             else text_cond(model, inputs.all_seeds, prompt))
     return shard_cond(cond, len(inputs.all_seeds), inputs.shard)

@@ -30,6 +30,7 @@ from sag.models.base import DiffusionModel
 from sag.records import RecordWriter
 from sag.sampling import StepInfo, sample
 from sag.seeds import format_seeds
+from sag.sizes import check_size
 
 RUN_FILE = "run.json"
 STATE_DIR = ".state"  # sampler checkpoints and the run's resume key; removed when the run completes
@@ -110,7 +111,7 @@ class _RunOutputs:
         if c is None:
             return nullcontext(self.store)
         return capture_attention(net, c.layers, c.reductions, c.include_cross, c.query_stride, store=self.store,
-                                 exact=c.exact)
+                                 exact=c.exact, chunk_bytes=c.chunk_bytes, lse_maps=c.lse_maps)
 
     def on_step(self, s: StepInfo) -> None:
         records = self.store.pop()  # this step's maps; popping keeps memory flat over steps
@@ -165,6 +166,7 @@ def run_sampling(
     to ``samples/`` and (if ``capture``) attention records of every step to ``records/``. Returns the
     manifest written to ``run.json``. Capture records the first model call of each step (call 0)."""
     out = Path(out_dir)
+    check_size(model, size)  # before anything is written: a size the network cannot take fails here
     info = _run_info(model, scheduler, steps, seeds, batch_size, size, capture, meta)
     done = _resume_or_start(out, info)
     if done is not None:
@@ -172,11 +174,15 @@ def run_sampling(
     info.update({k: v for k, v in (meta or {}).items() if k not in info})
     outputs = _RunOutputs(model, out, capture, info)
     started = time.time()
-    with outputs.attention():
-        x = sample(model, scheduler, steps=steps, seeds=seeds, model_fn=model_fn, cond=cond, batch_size=batch_size,
-                   size=size, callback=outputs.on_step if outputs.writer else None,
-                   on_batch_end=outputs.on_batch_end, progress=progress, done_batch=outputs.done_batch,
-                   checkpoint_dir=out / STATE_DIR, check_finite=check_finite)
+    try:
+        with outputs.attention():
+            x = sample(model, scheduler, steps=steps, seeds=seeds, model_fn=model_fn, cond=cond,
+                       batch_size=batch_size, size=size, callback=outputs.on_step if outputs.writer else None,
+                       on_batch_end=outputs.on_batch_end, progress=progress, done_batch=outputs.done_batch,
+                       checkpoint_dir=out / STATE_DIR, check_finite=check_finite)
+    except BaseException:
+        _forget_if_nothing_saved(out)
+        raise
     save_grid(to_uint8(model.to_images(x[:64].to(model.device, model.dtype))), outputs.samples_dir / "grid.png")
     manifest = dict(info, status="complete", wall_s=round(time.time() - started, 3),
                     samples=str(outputs.samples_dir), records=str(out / "records") if outputs.writer else None)
@@ -185,6 +191,15 @@ def run_sampling(
     atomic_write_bytes(out / RUN_FILE, json.dumps(manifest, indent=2, default=str).encode())
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
+
+
+def _forget_if_nothing_saved(out: Path) -> None:
+    """After a failed run that saved no sample batch and no sampler state: remove its resume key, so a corrected
+    rerun into the same dir (e.g. with another size) is not refused as another configuration."""
+    state = out / STATE_DIR
+    saved = any(p.name != "key.json" for p in state.glob("*")) if state.is_dir() else False
+    if not saved and not any((out / "samples").glob("batch-*.safetensors")):
+        (state / "key.json").unlink(missing_ok=True)
 
 
 def _resume_key(info: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -122,7 +124,7 @@ def sample(
     size = tuple(size or model.sample_size)
     guide.validate(size)  # e.g. a blur kernel larger than the sample: fail before any work
     batches = _batches(seeds, cond, batch_size, checkpoint_dir, model.device)
-    per_batch = _num_iterations(model, scheduler, steps)
+    per_batch = _num_iterations(model, scheduler, steps, size)
     bar = tqdm(total=per_batch * len(batches), desc="sampling", unit="it", disable=not progress, leave=False)
     outputs = []
     for batch in batches:
@@ -141,12 +143,12 @@ def sample(
     return torch.cat(outputs)
 
 
-def _num_iterations(model: DiffusionModel, scheduler: SchedulerMixin, steps: int) -> int:
+def _num_iterations(model: DiffusionModel, scheduler: SchedulerMixin, steps: int, size: tuple[int, int]) -> int:
     """Sampler iterations (model evaluations) per trajectory: Heun makes about two per step."""
     template = fresh_scheduler(scheduler, model)
     with warnings.catch_warnings():  # a timestep mismatch is reported once, by the batch loop
         warnings.simplefilter("ignore")
-        set_timesteps(template, steps, model)
+        set_timesteps(template, steps, model, size=size)
     return len(template.timesteps)
 
 
@@ -157,9 +159,10 @@ def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: Scheduler
     device, dtype = model.device, model.dtype
     # fresh state per batch (multistep history); no second clipping of an x0 the guidance clipped itself
     sched = fresh_scheduler(scheduler, model, clip_sample=False if guide.clips_x0 else None)
-    set_timesteps(sched, steps, model, device)  # the model's reference timesteps where it has them
+    set_timesteps(sched, steps, model, device, size)  # the model's reference timesteps where it has them
     noise, gens = initial_noise(batch.seeds, (model.in_channels, *size), device, dtype)
-    x = noise * sched.init_noise_sigma
+    # flow schedulers start from plain noise (sigma_max = 1) and have no init_noise_sigma / scale_model_input
+    x = noise * sched.init_noise_sigma if hasattr(sched, "init_noise_sigma") else noise
     first, x, sched = _resume(batch, x, sched, gens, device, bar)
     guide.bind_scheduler(sched)
     step_kw = dict(options, generator=gens) if takes_generator(sched) else dict(options)
@@ -168,7 +171,7 @@ def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: Scheduler
         if i < first:  # done before an interruption
             continue
         guide.begin_step(i, num_steps)
-        x_in = sched.scale_model_input(x, t)  # the sampler's x scaled into the model's (VP) space
+        x_in = _model_input(sched, x, t)  # the sampler's x scaled into the model's (VP) space
         tb = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
         out = guide(x_in, tb, batch.cond)
         if check_finite:
@@ -182,6 +185,11 @@ def _sample_batch(model: DiffusionModel, guide: GuidanceFn, scheduler: Scheduler
             _save_state(batch.state_path, i + 1, x, sched, batch.seeds, gens)
         bar.update(1)
     return x.cpu()
+
+
+def _model_input(sched: SchedulerMixin, x: Tensor, t: Tensor) -> Tensor:
+    """``scale_model_input`` where the scheduler has one (a flow scheduler's x is already the model's input)."""
+    return sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
 
 
 def _denoised(model: DiffusionModel, pred: Tensor, x_in: Tensor, t: Tensor) -> Tensor:
@@ -205,7 +213,8 @@ def _check_finite(out: Tensor, step: int, t: Tensor, seeds: list[int]) -> None:
         rows = bad.nonzero().flatten().tolist()
         raise NonFiniteError(
             f"non-finite model output (NaN/Inf) at step {step}, t={float(t[rows[0]]):g}, seeds "
-            f"{[seeds[r % len(seeds)] for r in rows]}; pass check_finite=False to continue anyway"
+            f"{[seeds[r % len(seeds)] for r in rows]}; accepted: finite outputs (lower the guidance scale or check "
+            "the model weights; the Python API's run_sampling/sample(check_finite=False) continues anyway)"
         )
 
 
@@ -215,7 +224,20 @@ def _save_state(path: Path, next_step: int, x: Tensor, sched: SchedulerMixin, se
              "generators": [g.get_state() for g in gens]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer: "[enforce fail at inline_container.cc] unexpected pos"
+            raise _write_error(path, e, x.numel() * x.element_size()) from e
+
+
+def _write_error(path: Path, e: Exception, nbytes: int) -> OSError:
+    """torch.save's RuntimeError as an OSError naming the file: ENOSPC when the disk has less room than twice
+    the state's tensor bytes plus 64 MiB (a guess at what the write needed; torch does not say), else EIO."""
+    free = shutil.disk_usage(path.parent).free
+    code = errno.ENOSPC if free < 2 * nbytes + 64 * 2**20 else errno.EIO
+    reason = "No space left on device" if code == errno.ENOSPC else "could not write"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OSError(code, f"{reason} ({free / 2**20:.0f} MiB free; torch: {first})", str(path))
 
 
 def _load_state(path: Path, seeds: list[int], gens, device):

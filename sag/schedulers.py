@@ -14,6 +14,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
@@ -34,7 +35,14 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),  # flow-matching models only (SD3)
 }
+FLOW_SCHEDULERS = ("flow_euler",)  # the kinds that integrate a velocity (sag.schedule.FlowSchedule)
+
+
+# the values diffusers' schedulers take (scheduling_ddim.py set_timesteps / betas_for_alpha_bar and __init__)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 class ListedDDIMScheduler(DDIMScheduler):
@@ -93,21 +101,37 @@ def make_scheduler(model: DiffusionModel, name: str, **options) -> SchedulerMixi
     """
     if name not in SCHEDULERS:
         raise SagConfigError(f"scheduler {name!r} is not registered; accepted: {sorted(SCHEDULERS)}")
+    if (name in FLOW_SCHEDULERS) != (model.schedule_family == "flow"):
+        accepted = list(FLOW_SCHEDULERS) if model.schedule_family == "flow" else sorted(set(SCHEDULERS) -
+                                                                                          set(FLOW_SCHEDULERS))
+        raise SagConfigError(f"scheduler {name!r} does not fit model {model.name!r} ({model.schedule_family} noise "
+                             f"schedule); accepted: {accepted}")
     cls, defaults = SCHEDULERS[name]
     if cls is DDIMScheduler and model.reference_timesteps is not None:
         cls = ListedDDIMScheduler  # runs the model's reference timesteps whatever N (set_timesteps)
     config = dict(model.scheduler_config)
-    config["prediction_type"] = model.prediction_type
+    if model.schedule_family == "vp":  # a flow scheduler has no prediction_type: it integrates the velocity
+        config["prediction_type"] = model.prediction_type
     if model.learned_variance and cls is DDPMScheduler and config.get("variance_type") not in ("learned",
                                                                                               "learned_range"):
         config["variance_type"] = "learned_range"  # IDDPM/ADM: the net predicts the interpolation v
     config.update(defaults)
     known = set(inspect.signature(cls.__init__).parameters)
+    options = {k: v for k, v in options.items() if v is not None}  # null (conf/scheduler) = the model's own
     unknown = sorted(set(options) - known)
     if unknown:
         raise SagConfigError(f"scheduler {name!r} has no option(s) {unknown}; accepted: {sorted(known - {'self'})}")
+    spacing = options.get("timestep_spacing")
+    if spacing is not None and spacing not in TIMESTEP_SPACINGS:
+        raise SagConfigError(f"scheduler.timestep_spacing={spacing!r}; accepted: {list(TIMESTEP_SPACINGS)}")
     config.update(options)
-    return _use_model_schedule(cls.from_config({k: v for k, v in config.items() if k in known}), model)
+    try:
+        scheduler = cls.from_config({k: v for k, v in config.items() if k in known})
+    except (NotImplementedError, ValueError, TypeError, KeyError) as e:  # e.g. beta_schedule="nope"
+        raise SagConfigError(f"scheduler {name!r} options {options}: {cls.__name__} refused them ({e}); accepted: "
+                             f"the values {cls.__name__} documents, e.g. beta_schedule in {list(BETA_SCHEDULES)}"
+                             ) from None
+    return _use_model_schedule(scheduler, model)
 
 
 def fresh_scheduler(scheduler: SchedulerMixin, model: DiffusionModel,
@@ -139,13 +163,36 @@ def _use_model_schedule(scheduler: SchedulerMixin, model: DiffusionModel) -> Sch
     return scheduler
 
 
-def set_timesteps(scheduler: SchedulerMixin, steps: int, model: DiffusionModel, device=None) -> None:
+def flow_shift_mu(scheduler: SchedulerMixin, model: DiffusionModel, size: tuple[int, int] | None) -> float | None:
+    """The resolution-dependent shift ``mu`` a flow scheduler with ``use_dynamic_shifting`` needs (None otherwise):
+    diffusers' ``calculate_shift`` (a line through (base_image_seq_len, base_shift) and (max_image_seq_len,
+    max_shift)) at the image sequence length (H // p) * (W // p), p = ``model.size_multiple`` (the patch size), as
+    the SD3 pipeline computes it."""
+    if not getattr(scheduler.config, "use_dynamic_shifting", False):
+        return None
+    if size is None:
+        raise SagConfigError(f"{type(scheduler).__name__} with use_dynamic_shifting needs the sample size for its "
+                             "shift; accepted: set_timesteps(..., size=(H, W))")
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    p, c = model.size_multiple, scheduler.config
+    return calculate_shift((size[0] // p) * (size[1] // p), c.get("base_image_seq_len", 256),
+                           c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+
+
+def set_timesteps(scheduler: SchedulerMixin, steps: int, model: DiffusionModel, device=None,
+                  size: tuple[int, int] | None = None) -> None:
     """``scheduler.set_timesteps`` for ``steps`` iterations, on the model's reference timesteps when it has them.
+    A flow scheduler with dynamic shifting gets the pipeline's ``mu`` for a sample of ``size`` (:func:`flow_shift_mu`).
 
     ``model.reference_timesteps(scheduler, steps)`` (ADM: guided-diffusion's respacing) is passed as custom
     timesteps where ``set_timesteps`` takes them (DDPM); otherwise the scheduler's own spacing is used and a
     warning names the difference when it does not reproduce them (DDIM: stride T // N).
     """
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        mu = flow_shift_mu(scheduler, model, size)
+        scheduler.set_timesteps(steps, device=device, **({} if mu is None else {"mu": mu}))
+        return
     wanted = model.reference_timesteps(scheduler, steps) if model.reference_timesteps is not None else None
     if wanted is not None and "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
         scheduler.set_timesteps(timesteps=wanted, device=device)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from sag.errors import SagConfigError
 
+MAX_SEEDS = 1_000_000  # per spec: 20x the 50k samples of a standard FID; larger sweeps run as several specs
 ACCEPTED = "accepted: a non-negative int, a range 'a-b' with a <= b, or a comma list of those, e.g. '0-63' or '0,5,9'"
 
 
@@ -37,9 +39,13 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             raise SagConfigError(f"seed spec item {item!r} is negative; {ACCEPTED}")
         if b < a:
             raise SagConfigError(f"seed range {item!r} runs backwards ({a} > {b}); {ACCEPTED}")
+        if len(seeds) + b - a + 1 > MAX_SEEDS:  # checked before expanding: '0-99999999' answers at once
+            raise SagConfigError(f"seed spec {spec!r} has {len(seeds) + b - a + 1} seeds or more, over the maximum "
+                                 f"{MAX_SEEDS} of one run; accepted: at most {MAX_SEEDS} seeds (split the range "
+                                 f"over several runs, e.g. seeds=0-{MAX_SEEDS - 1}, then seeds={MAX_SEEDS}-...)")
         seeds.extend(range(a, b + 1))
     if len(set(seeds)) != len(seeds):
-        dup = sorted({s for s in seeds if seeds.count(s) > 1})[:5]
+        dup = sorted(s for s, n in Counter(seeds).items() if n > 1)[:5]
         raise SagConfigError(f"seed spec {spec!r} repeats seeds {dup}; {ACCEPTED}")
     if not seeds:
         raise SagConfigError(f"seed spec {spec!r} is empty; {ACCEPTED}")

@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,9 +29,10 @@ from PIL import Image
 
 from sag.errors import SagConfigError
 from sag.io import atomic_path, atomic_write_text
-from sag.records import RecordReader, RecordsError, build_index, copy_shard
-from sag.runs import RUN_FILE, STATE_DIR, batch_path, batch_seeds, save_grid
 from sag.seeds import format_seeds, parse_seeds
+
+if TYPE_CHECKING:  # sag.records / sag.runs load torch and diffusers: imported by the merge functions that use
+    from sag.records import RecordReader  # them, so parsing a shard spec (sag.inputs) stays torch-free
 
 ACCEPTED = "accepted: 'i/n' with integers 0 <= i < n (shard i of n), e.g. '0/4', or null for all seeds"
 MERGING = ".merging"  # marker of an unfinished merge in the out dir; removed once run.json is written
@@ -101,6 +103,8 @@ def discover_runs(path: str | Path, exclude: Sequence[str | Path] = ()) -> list[
     """The run dirs of a Hydra sweep dir: ``path`` itself if it holds ``run.json``, else its (non-hidden)
     subdirs that hold a run or the start of one (``run.json``, ``.hydra/``, ``samples/``, ``.state/``), so an
     unfinished job is reported as incomplete rather than silently missed. Merged runs are skipped."""
+    from sag.runs import RUN_FILE, STATE_DIR
+
     root = Path(path)
     if not root.is_dir():
         raise SagConfigError(f"runs={str(root)!r}: not a directory; accepted: a sweep dir or a list of run dirs")
@@ -118,6 +122,8 @@ def discover_runs(path: str | Path, exclude: Sequence[str | Path] = ()) -> list[
 
 
 def _read_manifest(run_dir: Path) -> dict | None:
+    from sag.runs import RUN_FILE
+
     try:
         manifest = json.loads((run_dir / RUN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -139,6 +145,8 @@ def _config_view(manifest: dict) -> dict:
 
 def _batch_files(run_dir: Path) -> list[tuple[int, Path, list[int]]]:
     """(batch index, path, seeds) of every sample batch of a run, by batch index; indices must be 0..m-1."""
+    from sag.runs import batch_seeds
+
     out = []
     for p in (run_dir / "samples").glob("batch-*.safetensors"):
         m = _BATCH_RE.match(p.name)
@@ -177,6 +185,8 @@ def _merged_info(info: dict, seeds: list[int]) -> dict:
 
 def _prepare_out(out: Path, sources: list[str]) -> dict | None:
     """The finished manifest if ``out`` already holds this merge; refuse an out dir holding anything else."""
+    from sag.runs import RUN_FILE
+
     manifest = _read_manifest(out) if (out / RUN_FILE).exists() else None
     if manifest is not None and manifest.get("merged_from") == sources:
         print(f"{out}: already merged, nothing to do")
@@ -277,6 +287,8 @@ def _check_seeds(parts: list[Path], manifests: list[dict], part_seeds: list[list
 
 def _plan(parts: list[Path], seeds: str | None) -> _Plan:
     """Validate the shard runs and put them in the order their first seeds have in the full seed spec."""
+    from sag.records import RecordReader
+
     manifests, all_seeds = _check_manifests(parts, seeds)
     batches = [_batch_files(p) for p in parts]
     part_seeds = [[s for _, _, bs in b for s in bs] for b in batches]
@@ -293,6 +305,8 @@ def _plan(parts: list[Path], seeds: str | None) -> _Plan:
 
 def _copy_samples(plan: _Plan, samples: Path) -> None:
     """PNGs as they are, batches renumbered, grid rebuilt from the PNGs in seed-spec order."""
+    from sag.runs import batch_path, save_grid
+
     samples.mkdir(exist_ok=True)
     for p, bs, offset in zip(plan.parts, plan.batches, plan.offsets):
         for bi, path, bseeds in bs:
@@ -306,6 +320,8 @@ def _copy_samples(plan: _Plan, samples: Path) -> None:
 def _copy_records(plan: _Plan, rec: Path) -> int:
     """Record shards renumbered like the batches, merged index checked against the parts', meta.json; returns
     the number of index rows."""
+    from sag.records import RecordsError, build_index, copy_shard
+
     (rec / "shards").mkdir(parents=True, exist_ok=True)
     expected = []
     for p, r, off in zip(plan.parts, plan.readers, plan.offsets):
@@ -350,6 +366,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: st
 
     ``seeds`` is the full seed spec the shards must cover; default: the ``all_seeds`` every shard recorded
     (the entry points store it). Parts are ordered by where their first seed falls in that spec."""
+    from sag.runs import RUN_FILE
+
     parts, out = [Path(d) for d in run_dirs], Path(out_dir)
     _check_dirs(parts, out)
     plan = _plan(parts, seeds)

@@ -16,12 +16,14 @@ from sag.capture import CaptureSpec
 from sag.inputs import RunInputs
 from sag.models import DiffusionModel
 from sag.runs import run_sampling
+from sag.sizes import check_size
 
 
 def capture_layers(model: DiffusionModel, spec: CaptureSpec, size: tuple[int, int] | None) -> list[str]:
     """The layer names ``spec`` selects, after checking the sample size (e.g. DiT needs square latents)."""
-    layers = select_layers(model.net, spec.layers, spec.include_cross)  # fails here on a bad pattern
-    model.validate(size or model.sample_size)
+    layers = select_layers(model.net, spec.layers, spec.include_cross,  # fails here on a bad pattern
+                           cross_key="capture.include_cross")
+    check_size(model, size)  # the network's downsampling and the model's own rules (sag.inputs)
     return layers
 
 

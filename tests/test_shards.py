@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_helpers import cli  # tests/ is on sys.path under pytest
 from hydra import compose, initialize_config_dir
 
 from sag.capture import CaptureSpec
@@ -286,7 +287,7 @@ def _py(*args):
 
 
 @pytest.mark.slow
-def test_sharded_multirun_then_merge_equals_one_run(tmp_path):
+def test_sharded_multirun_then_merge_equals_one_run(tmp_path, capsys):
     """One multirun process: shards 0/2 and 1/2 and the unsharded run (debug=tiny: batch 2 divides each shard)."""
     sweep, merged, single = tmp_path / "sweep", tmp_path / "merged", tmp_path / "single"
     res = _py("experiments.sample", "--multirun", "debug=tiny", "seeds=0-3", "shard=0/2,1/2,null",
@@ -296,6 +297,8 @@ def test_sharded_multirun_then_merge_equals_one_run(tmp_path):
     res = _py("experiments.merge", f"runs={sweep}", f"out={merged}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"-> {merged}" in res.stdout and str(merged / "run.json") in res.stdout
+    code, err, out = cli(capsys, "merge", f"runs={sweep}", f"out={merged}")  # again: one message, not two
+    assert code == 0 and "already merged, nothing to do" in out and "merged 2 run(s)" not in out, (err, out)
     assert not (ROOT / "merge.log").exists()
     (sa, xa), (sb, xb) = load_samples(single), load_samples(merged)
     assert sa == sb == [0, 1, 2, 3] and torch.equal(xa, xb)

@@ -93,7 +93,8 @@ def test_entry_point(tmp_path):
     cmd = [sys.executable, "-m", "experiments.train", f"out_dir={out}", *TINY, "train.max_steps=2"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout[done.stdout.index("{"):])["step"] == 2
+    assert json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])["step"] == 2
+    assert f"wrote: {out}" in done.stdout
     assert (out / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / ".hydra" / "config.yaml").is_file()  # the Hydra run dir is out_dir
     bad = subprocess.run([*cmd[:-1], "train.max_steps=0"], cwd=ROOT, capture_output=True, text=True,
