@@ -67,7 +67,7 @@ def replace_findings(text: str, paragraph: str) -> str:
     return text[: i + len(BEGIN)] + "\n" + paragraph.strip() + "\n" + text[j:]
 
 
-def _fmt(value: float, measure: str) -> str:
+def format_effect(value: float, measure: str) -> str:
     if not np.isfinite(value):
         return "n/a"
     return f"{value:+.1f} %" if measure == "rel_effect_pct" else f"{value:+.3g}"
@@ -78,7 +78,7 @@ def _ci(r: pd.Series) -> str:
     return f"[{lo}, {hi}]"
 
 
-def _where(r: pd.Series) -> str:
+def scope_label(r: pd.Series) -> str:
     bits = [f"psi {r.psi:g}" if np.isfinite(r.psi) else "", f"{int(r.patch)} px" if np.isfinite(r.patch) else "",
             f"t = {r.t:g}" if np.isfinite(r.t) else "", r["mode"] or r["source"],
             f"bin {int(r.freq)}" if np.isfinite(r.freq) else ""]
@@ -89,16 +89,17 @@ def _primary_line(cid: str, rows: pd.DataFrame) -> str:
     p = rows[rows["scope"] == "primary"].iloc[0]
     if p.n == 0:
         return f"- **{cid}** ({p.claim}): **not shown**: no images in the primary scope ({p.layer or 'no layer'})."
-    text = (f"- **{cid}** ({p.claim}): **{p.verdict}** in {p.layer} ({_where(p)}): {_fmt(p.effect, p.measure)}, "
+    effect = format_effect(p.effect, p.measure)
+    text = (f"- **{cid}** ({p.claim}): **{p.verdict}** in {p.layer} ({scope_label(p)}): {effect}, "
             f"{100 * p.ci_level:.1f} % CI {_ci(p)}, Holm p = {p.p_adj:.2g}, n = {int(p.n)}")
     text += f" ({int(p.n_empty)} left out: empty attention mask or a one-class target)" if p.n_empty else ""
     if np.isfinite(p.effect_uncontrolled):
-        text += f"; without the position control {_fmt(p.effect_uncontrolled, p.measure)}"
+        text += f"; without the position control {format_effect(p.effect_uncontrolled, p.measure)}"
     pooled = rows[rows["scope"] == "pooled"]
     if len(pooled):
         q = pooled.iloc[0]
-        text += (f". Pooled over {q.pooled_over}: {_fmt(q.effect, q.measure)}, 95 % CI {_ci(q)}, n = {int(q.n)} "
-                 "images")
+        text += (f". Pooled over {q.pooled_over}: {format_effect(q.effect, q.measure)}, 95 % CI {_ci(q)}, "
+                 f"n = {int(q.n)} images")
     if np.isfinite(p.n_for_80pct_power):
         text += f". Images for 80 % power against the paper's effect: {int(p.n_for_80pct_power)}"
     return text + "."

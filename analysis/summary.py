@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.claims import CLAIMS
-from analysis.findings import _fmt, _where
+from analysis.findings import format_effect, scope_label
 from analysis.schemas import validate
 
-UNITS = {"rel_effect_pct": "(relative)", "effect": "(paired Δ)"}  # _fmt writes the "%"
+UNITS = {"rel_effect_pct": "(relative)", "effect": "(paired Δ)"}  # format_effect writes the "%"
 SCOPE_COLUMNS = ["layer", "patch", "psi", "source", "mode", "target", "t", "t_band", "freq"]
 
 
@@ -70,10 +70,11 @@ def claims_summary(claims: pd.DataFrame) -> pd.DataFrame:
     (supported / not shown / contradicted), why (the rule's reason in words), scope (layer, psi, patch, t)."""
     rows = []
     for _, r in _primaries(claims).iterrows():
-        ours = f"{_fmt(r['effect'], r['measure'])} {UNITS.get(r['measure'], r['measure'])}"
+        ours = f"{format_effect(r['effect'], r['measure'])} {UNITS.get(r['measure'], r['measure'])}"
         if position_controlled(r["claim_id"]):
             unc = r.get("effect_uncontrolled", np.nan)
-            ours += "; position-controlled" + (f" (uncontrolled {_fmt(unc, r['measure'])})" if pd.notna(unc) else "")
+            uncontrolled = f" (uncontrolled {format_effect(unc, r['measure'])})" if pd.notna(unc) else ""
+            ours += "; position-controlled" + uncontrolled
         level = r.get("ci_level", np.nan)
         ci = _claim_ci(r["ci_low"], r["ci_high"], r["measure"])
         n_empty = int(r["n_empty"]) if pd.notna(r["n_empty"]) else 0
@@ -81,12 +82,12 @@ def claims_summary(claims: pd.DataFrame) -> pd.DataFrame:
                      "CI": (f"{100 * level:.1f} % " if pd.notna(level) else "") + ci,
                      "n": f"{int(r['n'])}" + (f" (+{n_empty} left out)" if n_empty else ""),
                      "verdict": r["verdict"], "why": verdict_reason(r),
-                     "scope": (f"{r['layer']}, " if r.get("layer") else "") + _where(_scope_row(r))})
+                     "scope": (f"{r['layer']}, " if r.get("layer") else "") + scope_label(_scope_row(r))})
     return pd.DataFrame(rows, columns=["claim", "finding", "paper", "ours", "CI", "n", "verdict", "why", "scope"])
 
 
 def _scope_row(r: pd.Series) -> pd.Series:
-    """The row with the scope columns :func:`analysis.findings._where` reads (NaN / "" where absent)."""
+    """The row with the scope columns :func:`analysis.findings.scope_label` reads (NaN / "" where absent)."""
     defaults = {"psi": np.nan, "patch": np.nan, "t": np.nan, "freq": np.nan, "mode": "", "source": ""}
     out = r.copy()
     for k, v in defaults.items():
@@ -129,7 +130,7 @@ def exploratory_overview(claims: pd.DataFrame, claim_id: str) -> pd.DataFrame:
 
     def cell(g: pd.DataFrame) -> str:
         up, down = int((g["direction"] == "paper").sum()), int((g["direction"] == "opposite").sum())
-        return f"{_fmt(float(g['effect'].median()), measure)} ({up}↑ {down}↓ of {len(g)})"
+        return f"{format_effect(float(g['effect'].median()), measure)} ({up}↑ {down}↓ of {len(g)})"
 
     table = ex.groupby(["layer", "t_band"], sort=True).apply(cell, include_groups=False).unstack("t_band")
     table = table.reindex(columns=[b for b in _t_order(ex) if b in table.columns]).fillna("")

@@ -27,6 +27,15 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """A scalar or (b,) schedule value at t as (b, 1, ..., 1) for broadcasting against ``like`` (dtype unchanged)."""
+    if values.ndim == 0:
+        values = values.expand(like.shape[0])
+    if values.shape[0] != like.shape[0]:
+        raise ValueError(f"t has {values.shape[0]} entries for a batch of {like.shape[0]}")
+    return values.reshape((like.shape[0],) + (1,) * (like.ndim - 1))
+
+
 class VPCoefficients(NamedTuple):
     """x_t = sqrt_ab * x_0 + sqrt_one_minus_ab * eps (DDPM Eq. 4), each shaped (b, 1, ..., 1)."""
 
@@ -82,15 +91,8 @@ class VPSchedule:
     def coefficients(self, t: Tensor | float, like: Tensor) -> VPCoefficients:
         """(sqrt_ab, sqrt_one_minus_ab) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) shaped (b, 1, ..., 1) in ``like``'s
         dtype and device."""
-        ab = self.alpha_bar(t)
-        if ab.ndim == 0:
-            ab = ab.expand(like.shape[0])
-        if ab.shape[0] != like.shape[0]:
-            raise ValueError(f"t has {ab.shape[0]} entries for a batch of {like.shape[0]}")
-        shape = (like.shape[0],) + (1,) * (like.ndim - 1)
-        sqrt_ab = ab.sqrt().reshape(shape).to(like.device, like.dtype)
-        sqrt_one_minus_ab = (1 - ab).sqrt().reshape(shape).to(like.device, like.dtype)
-        return VPCoefficients(sqrt_ab, sqrt_one_minus_ab)
+        ab = per_sample(self.alpha_bar(t), like)
+        return VPCoefficients(ab.sqrt().to(like.device, like.dtype), (1 - ab).sqrt().to(like.device, like.dtype))
 
     # --- conversions ----------------------------------------------------------------------------------
     # With a = sqrt_ab, b = sqrt_one_minus_ab: x_t = a x0 + b eps and v = a eps - b x0 (Salimans & Ho 2022).
@@ -172,13 +174,7 @@ class FlowSchedule:
 
     def coefficients(self, t: Tensor | float, like: Tensor) -> FlowCoefficients:
         """(1 - sigma, sigma) shaped (b, 1, ..., 1) in ``like``'s dtype and device."""
-        sigma = self.sigma(t)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(like.shape[0])
-        if sigma.shape[0] != like.shape[0]:
-            raise ValueError(f"t has {sigma.shape[0]} entries for a batch of {like.shape[0]}")
-        shape = (like.shape[0],) + (1,) * (like.ndim - 1)
-        sigma = sigma.reshape(shape).to(like.device, like.dtype)
+        sigma = per_sample(self.sigma(t), like).to(like.device, like.dtype)
         return FlowCoefficients(1 - sigma, sigma)
 
     # With s = sigma: x_t = (1 - s) x0 + s eps and v = eps - x0, so x0 = x_t - s v and eps = x_t + (1 - s) v.

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from sag.models.base import DiffusionModel
 from sag.models.sd3 import SD3PromptEncoder, sd3_model_fields
 from sag.models.tiny import _sharpen
-from sag.models.tiny_sd_pipeline import write_tokenizer_files
+from sag.models.tiny_sd_pipeline import clip_text_config, write_tokenizer_files
 from sag.schedule import flow_alphas_cumprod
 
 if TYPE_CHECKING:
@@ -58,13 +58,9 @@ def tiny_sd3_vae() -> AutoencoderKL:
 
 def _text_encoders(tokenizer):
     """Two 2-layer CLIPTextModelWithProjection (hidden 16; random; draws from the global RNG)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = clip_text_config(tokenizer, TEXT_DIM, projection_dim=TEXT_DIM)
     return CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
 
 

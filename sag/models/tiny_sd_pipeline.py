@@ -87,15 +87,23 @@ def build_tokenizer(tmp_dir: str | Path):
     return CLIPTokenizer.from_pretrained(write_tokenizer_files(tmp_dir))
 
 
+def clip_text_config(tokenizer, hidden_size: int = 32, **extra):
+    """The tiny ``CLIPTextConfig`` of every tiny text pipeline: 2 layers, 4 heads, 77 positions, ``tokenizer``'s
+    vocabulary and special ids (``extra``: e.g. ``projection_dim`` for ``CLIPTextModelWithProjection``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+
+
 def build_text_encoder(tokenizer):
     """A random 2-layer ``CLIPTextModel`` (hidden 32, 4 heads) for ``tokenizer``; draws from the global RNG."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    return CLIPTextModel(clip_text_config(tokenizer))
 
 
 def build_tiny_sd_sag_pipeline(tmp_dir: str | Path, device: str | torch.device = "cpu",

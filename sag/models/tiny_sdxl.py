@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from sag.models.base import DiffusionModel
 from sag.models.sdxl import SDXLPromptEncoder, sdxl_model_fields, vae_scale_factor
 from sag.models.tiny import SD_SCHEDULE, _sharpen
-from sag.models.tiny_sd_pipeline import write_tokenizer_files
+from sag.models.tiny_sd_pipeline import clip_text_config, write_tokenizer_files
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -63,13 +63,9 @@ def tiny_vae() -> AutoencoderKL:
 
 def _text_encoders(tokenizer):
     """(CLIPTextModel, CLIPTextModelWithProjection), 2 layers, hidden 32 (random; draws from the global RNG)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = clip_text_config(tokenizer, TEXT_DIM, projection_dim=TEXT_DIM)
     return CLIPTextModel(config), CLIPTextModelWithProjection(config)
 
 
