@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from experiments.cli import entry_point
@@ -17,7 +16,7 @@ from experiments.common import (
     build_model,
     build_scheduler,
     conditions,
-    load_classifier,
+    guidance_fn,
     plain,
     run_inputs,
     user_errors,
@@ -34,8 +33,7 @@ def main(cfg: DictConfig) -> None:
         model = build_model(cfg)
         scheduler = build_scheduler(cfg, model)
         kind = cfg.guidance.kind
-        extra = {"classifier": load_classifier(cfg, model)} if kind in ("cg", "sag_cg") else {}
-        guidance = instantiate(cfg.guidance, _convert_="all")(model, **extra)
+        guidance = guidance_fn(cfg, model)  # with the noise-aware classifier where the kind has a cg term
         as_guidance(guidance).validate(run.size or model.sample_size)
         cond = conditions(cfg, model, run)
     out = Path(HydraConfig.get().runtime.output_dir)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from sag.capture import CaptureSpec
 from sag.guidance import KINDS, Guidance, build_guidance
+from sag.guidance.build import needs_classifier
 from sag.models import MODELS
 from sag.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 
@@ -47,13 +48,13 @@ def test_groups_match_registries():
 @pytest.mark.parametrize("model", ["tiny_pixel_cond", "tiny_sd"])
 @pytest.mark.parametrize("guidance", KINDS)
 def test_guidance_configs_instantiate(model, guidance):
-    if model == "tiny_sd" and guidance in ("cg", "sag_cg"):
+    if model == "tiny_sd" and needs_classifier(guidance):
         pytest.skip("classifier guidance needs class labels")
     from experiments.common import load_classifier
 
     cfg = _compose("sample", [f"model={model}", f"guidance={guidance}"])
     m = instantiate(cfg.model)
-    extra = {"classifier": load_classifier(cfg, m)} if guidance in ("cg", "sag_cg") else {}
+    extra = {"classifier": load_classifier(cfg, m)} if needs_classifier(guidance) else {}
     g = instantiate(cfg.guidance, _convert_="all")(m, **extra)
     assert isinstance(g, Guidance) and callable(g)
     if guidance == "none":
@@ -175,7 +176,7 @@ MAIN_STAGES = {
         "evaluate": {"model.name": "embedded", "seeds": "0-39", "steps": 12, "batch_size": 40,
                      "sag_scales": [0, 0.5, 1.0], "blur_scales": [0, 0.5, 1.0], "combo_sag_scale": 0.5,
                      "cfg_scale": 1.0, "cg_scale": 1.0, "sag": SAG_EMBEDDED, "metrics.draws": 200,
-                     "metrics.draws_fd": 50},
+                     "metrics.draws_fd": 50, "family": []},  # the family: the frontier stage's
         "frontier": {"seeds": "0-39", "steps": 12, "batch_size": 40, "scale": 0.5, "cfg_scale": 1.0,
                      "kinds": ["sag"], "windows": [[0.0, 0.5], [0.5, 1.0]], "every": [2, 4], "metrics.draws": 200,
                      "metrics.draws_fd": 50, "sag": SAG_EMBEDDED},
@@ -185,7 +186,7 @@ MAIN_STAGES = {
         "studies": {"scenes.count": 4, "scenes.t": [100, 500], "analysis.n_boot": 50, "analysis.random_draws": 5},
         "evaluate": {"model.name": "tiny_pixel_cond", "seeds": "0-5", "steps": 3, "batch_size": 6,
                      "sag_scales": [0, 0.5], "blur_scales": [0, 0.5], "combo_sag_scale": 0.75, "cfg_scale": 1.0,
-                     "metrics.draws": 20, "metrics.draws_fd": 5},
+                     "metrics.draws": 20, "metrics.draws_fd": 5, "family": []},
         "frontier": {"seeds": "0-5", "steps": 4, "batch_size": 6, "scale": 0.75, "kinds": ["sag"],
                      "windows": [[0.0, 0.5]], "every": [2], "metrics.draws": 20, "metrics.draws_fd": 5},
     },

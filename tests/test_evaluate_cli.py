@@ -68,17 +68,29 @@ def test_settings_names_and_windows():
     assert isinstance(unguided, ModelCall) and unguided.inner is m
 
 
-def test_configs_compose_and_sweep_settings():
+def test_configs_compose_and_sweep_settings(capsys):
     cfg = _compose("evaluate")
     assert cfg.model.name == "embedded" and cfg.inception_weights is None and cfg.metrics.k == 3
     names = [s.name for s in _quality(cfg, conditional=True)]
     assert names.count("none") == 3  # none, sag s=0, blur s=0 share the unguided run
     assert {"cfg_w1", "cg_l1", "sag_cfg_s0.5_w1", "sag_cg_s0.5_l1"} <= set(names)
     assert [s.guidance for s in _quality(cfg, conditional=False)].count("cfg") == 0
+    # the SAG family by default (its model_guidance scales), CFG / CG alone beside it; on an unconditional model the
+    # kinds needing an unconditional branch or labels are skipped with the reason printed, as the combos are
+    assert list(cfg.family) == ["pag", "seg", "slg", "apg", "pag_cfg", "seg_cfg", "slg_cfg", "pag_cg", "seg_cg",
+                                "slg_cg"]
+    assert {"pag_s3", "seg_s3", "slg_s2.8", "apg_w1", "pag_cfg_s3_w1", "seg_cfg_s3_w1", "slg_cfg_s2.8_w1",
+            "pag_cg_s3_l1", "seg_cg_s3_l1", "slg_cg_s2.8_l1"} <= set(names)
+    assert names.index("cg_l1") < names.index("pag_cg_s3_l1") and names.count("cg_l1") == 1
+    capsys.readouterr()
+    unconditional = [s.guidance for s in _quality(cfg, conditional=False)]
+    assert unconditional[-3:] == ["pag", "seg", "slg"] and not {"apg", "cg", "pag_cg", "slg_cfg"} & set(unconditional)
+    assert capsys.readouterr().out.count("skipping") == 4 + 7  # the 4 combos, then apg, the *_cfg and *_cg kinds
     fcfg = _compose("frontier", ["debug=tiny", "model=tiny_pixel_cond"])
     assert fcfg.steps == 3 and fcfg.scale == 0.75
     windows = {(s.guidance, s.window_label) for s in _frontier(fcfg, conditional=True)}
     assert {("none", "full"), ("cfg", "full"), ("sag", "every 2"), ("sag_cfg", "window 0-0.5")} <= windows
+    assert {("pag", "full"), ("apg", "full"), ("cg", "full"), ("slg_cg", "full")} <= windows  # evaluate.yaml's family
 
 
 def test_counted_calls_per_image():
@@ -153,17 +165,17 @@ def test_differences_summary():
 @pytest.mark.slow
 def test_evaluate_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
-    args = TINY + ["sag_scales=[0,0.5]", "blur_scales=[0.5]", "combos=[sag_cg]"]
+    args = TINY + ["sag_scales=[0,0.5]", "blur_scales=[0.5]", "combos=[sag_cg]", "family=[pag_cg]"]
     res = _run("evaluate", out, *args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert str(out / "tables" / "quality.parquet") in res.stdout and "Inception FID/IS skipped" in res.stdout
     df = read_table(out, "quality", TABLES["quality"])
-    assert set(df.guidance) == {"none", "sag", "blur", "sag_cg"}
+    assert set(df.guidance) == {"none", "sag", "blur", "sag_cg", "cg", "pag_cg"}  # CG alone beside pag_cg
     assert set(df.metric) == {"fd", "precision", "recall", "is_score", "class_accuracy"}
     # 1e-9: float64 rounding between a bias-shifted bootstrap bound and its estimate (values O(1-100))
     assert (df.n == 6).all() and (df.ci_low <= df.value + 1e-9).all() and (df.value <= df.ci_high + 1e-9).all()
     calls = df.groupby("setting").calls_per_image.first().to_dict()
-    assert calls == {"none": 2, "sag_s0.5": 4, "blur_s0.5": 4, "sag_cg_s0.75_l1": 4}
+    assert calls == {"none": 2, "sag_s0.5": 4, "blur_s0.5": 4, "sag_cg_s0.75_l1": 4, "cg_l1": 2, "pag_cg_s3_l1": 4}
     fd = df[df.metric == "fd"].set_index(["guidance", "scale"]).value
     assert fd[("sag", 0.0)] == fd[("none", 0.0)]  # s = 0 is the unguided run
     unguided = df[df.setting == "none"]  # none, sag s=0: the baseline itself, Δ = 0 exactly
@@ -171,9 +183,9 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     base = df[df.guidance == "none"].set_index("metric").value
     assert (df.delta == df.value - df.metric.map(base)).all()  # exact: the same float64 subtraction
     assert (df.delta_ci_low <= df.delta + 1e-9).all() and (df.delta <= df.delta_ci_high + 1e-9).all()  # as above
-    assert "fd: " in res.stdout and "of 3 settings differ from unguided" in res.stdout
+    assert "fd: " in res.stdout and "of 5 settings differ from unguided" in res.stdout
     again = _run("evaluate", out, *args)  # every setting complete: nothing is sampled again
-    assert again.returncode == 0 and again.stdout.count("already complete") == 4, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]
     assert read_table(out, "quality")[["metric", "value", "ci_low"]].equals(df[["metric", "value", "ci_low"]])
     bad = _run("evaluate", tmp_path / "bad", *TINY, "inception_weights=/no/such/file")
     lines = bad.stderr.strip().splitlines()
@@ -184,7 +196,8 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
 @pytest.mark.slow
 def test_frontier_end_to_end(tmp_path):
     out = tmp_path / "run"
-    res = _run("frontier", out, *TINY, "steps=4", "kinds=[sag,sag_cfg]", "windows=[[0,0.5]]", "every=[2]")
+    res = _run("frontier", out, *TINY, "steps=4", "kinds=[sag,sag_cfg]", "windows=[[0,0.5]]", "every=[2]",
+               "family=[]")
     assert res.returncode == 0, res.stderr[-2000:]
     df = read_table(out, "frontier", TABLES["frontier"])
     calls = df.groupby(["guidance", "window"]).calls_per_image.first().to_dict()

@@ -132,8 +132,9 @@ def test_pag_formula(cond_model, cfg_scale):
     assert torch.allclose(out, eps_c + 2.0 * (eps_c - eps_p) + cfg_scale * (eps_c - eps_u) if cfg_scale else
                           eps_c + 2.0 * (eps_c - eps_p), atol=1e-5)
     assert torch.allclose(out, want, atol=1e-5)
-    assert set(g.last_passes) == {"x0", "x0_perturbed"}
+    assert set(g.last_passes) == {"x0", "x0_perturbed", "eps", "eps_perturbed"}
     assert torch.allclose(g.last_passes["x0_perturbed"], g.x0(eps_p, x, t), atol=1e-5)
+    assert torch.allclose(g.last_passes["eps_perturbed"], eps_p, atol=1e-5)  # as the formula above
 
 
 def test_slg_formula_and_v_prediction():
@@ -201,8 +202,14 @@ def test_sweeps_carry_the_family(cond_model):
                          cg_scale=1.0, conditional=True, family=["pag", "slg_cfg", "apg"], family_options=FAMILY)
     assert [s.name for s in q] == ["none", "none", "sag_s0.5", "pag_s2", "cfg_w1", "slg_cfg_s1_w1", "apg_w1"]
     unc = quality_settings(sag_scales=[], blur_scales=[], combos=[], combo_sag_scale=0.5, cfg_scale=1.0,
-                           cg_scale=1.0, conditional=False, family=["seg", "apg"], family_options=FAMILY)
+                           cg_scale=1.0, conditional=False, family=["seg", "apg", "seg_cg"], family_options=FAMILY)
     assert [s.name for s in unc] == ["none", "seg_s1.5"]
+    cg = quality_settings(sag_scales=[], blur_scales=[], combos=["cg"], combo_sag_scale=0.5, cfg_scale=1.0,
+                          cg_scale=0.5, conditional=True, family=["slg_cg", "pag_cg"], family_options=FAMILY)
+    assert [s.name for s in cg] == ["none", "cg_l0.5", "slg_cg_s1_l0.5", "pag_cg_s2_l0.5"]  # CG alone once
+    with pytest.raises(SagConfigError, match="'pag_cg' but no cg_scale"):
+        frontier_settings(kinds=[], scale=0.5, cfg_scale=1.0, windows=[], every=[], conditional=True,
+                          family=["pag_cg"], family_options=FAMILY)
     f = frontier_settings(kinds=["pag"], scale=0.5, cfg_scale=1.0, windows=[[0.0, 0.5]], every=[2], conditional=True,
                           family=["slg", "apg"], family_options=FAMILY)
     assert [s.name for s in f] == ["none", "pag_s2", "pag_s2_win0-0.5", "pag_s2_every2", "slg_s1", "cfg_w1", "apg_w1"]
@@ -212,3 +219,43 @@ def test_sweeps_carry_the_family(cond_model):
     with pytest.raises(SagConfigError, match="family has 'nope'"):
         quality_settings(sag_scales=[], blur_scales=[], combos=[], combo_sag_scale=0.5, cfg_scale=1.0,
                          cg_scale=1.0, conditional=True, family=["nope"], family_options=FAMILY)
+
+
+# --- classifier guidance around the family (pag_cg, seg_cg, slg_cg) ---------------------------------------------
+def _toy_classifier():
+    clf = torch.nn.Module()
+    weights = torch.arange(15.0).reshape(3, 5)  # distinct logits per class: a nonzero gradient
+    clf.forward = lambda x, t: x.mean((2, 3)) @ weights
+    return clf
+
+
+@pytest.fixture(scope="module")
+def cg_alone(cond_model):
+    """Classifier guidance alone (lambda 2) on 2 DDIM steps, seeds 0 and 1, labels 0 and 3: the reference samples."""
+    sched, y, clf = make_scheduler(cond_model, "ddim"), torch.tensor([0, 3]), _toy_classifier()
+    cg = build_guidance(cond_model, "cg", cg_scale=2.0, classifier=clf)
+    return sched, y, clf, sample(cond_model, sched, steps=2, seeds=[0, 1], cond=y, model_fn=cg, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["pag_cg", "seg_cg", "slg_cg"])
+def test_cg_around_the_family(cond_model, cg_alone, kind):
+    """Family scale 0: classifier guidance alone, bit for bit (the family term is a pass-through then); the rows
+    counted are those of the family kind (the classifier is not the network); and the Setting names / sharing."""
+    sched, y, clf, ref = cg_alone
+    layers = {k: v for k, v in FAMILY.items() if k.endswith("layers")}
+    off = build_guidance(cond_model, kind, cg_scale=2.0, classifier=clf, pag_scale=0.0, seg_scale=0.0, slg_scale=0.0,
+                         **layers)
+    assert isinstance(off, ClassifierGuidance) and off.inner.scale == 0.0
+    assert torch.equal(sample(cond_model, sched, steps=2, seeds=[0, 1], cond=y, model_fn=off, progress=False), ref)
+    on = build_guidance(cond_model, kind, cg_scale=2.0, classifier=clf, every=2, **layers)
+    with CallCounter(cond_model.net) as counter:
+        guided = sample(cond_model, sched, steps=2, seeds=[0], cond=y[:1], model_fn=on, progress=False)
+    assert counter.rows == 2 + 1  # one row per step, the perturbed pass on step 0 only (every=2)
+    assert not torch.equal(guided, ref[:1])
+    with pytest.raises(SagConfigError, match=f"guidance '{kind}' needs a classifier"):
+        build_guidance(cond_model, kind, **layers)
+    s = Setting(kind, 2.0, cg_scale=1.0)
+    assert (s.name, Setting(kind, 0.0, cg_scale=1.0).name) == (f"{kind[:3]}_cg_s2_l1", "cg_l1")  # s = 0: CG's run
+    g = build_setting(cond_model, Setting(kind, 0.0, cg_scale=1.0, start=0.5), layers=PIX_LAYER, psi=1.0,
+                      kernel_size=9, blur_sigma=1.0, classifier=clf, family=FAMILY)
+    assert isinstance(g, ClassifierGuidance) and g.inner.model is cond_model and not hasattr(g.inner, "last_passes")

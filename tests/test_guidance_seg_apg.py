@@ -199,7 +199,7 @@ def test_seg_v_prediction_formula_and_last_passes():
         eps_p = m.schedule.to_eps(m(x, t), x, t, "v_prediction")
     # eps -> v -> eps round trip in float32 on O(1) values
     assert torch.allclose(m.schedule.to_eps(out, x, t, "v_prediction"), eps + 2.0 * (eps - eps_p), atol=1e-5)
-    assert set(g.last_passes) == {"x0", "x0_perturbed"}
+    assert set(g.last_passes) == {"x0", "x0_perturbed", "eps", "eps_perturbed"}
     assert torch.allclose(g.last_passes["x0"], g.x0(eps, x, t), atol=1e-6)  # the same float ops
     assert torch.allclose(g.last_passes["x0_perturbed"], g.x0(eps_p, x, t), atol=1e-6)
     assert (g.last_passes["x0"] - g.last_passes["x0_perturbed"]).abs().amax() > 1e-4

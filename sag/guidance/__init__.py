@@ -3,7 +3,8 @@
 ``build_guidance(model, kind, ...)`` makes the named combination; kinds equal ``conf/guidance/*.yaml``.
 ``as_guidance(fn)`` lifts a plain model call to the contract; ``CallCounter(model.net)`` counts network calls.
 The SAG family: SAG and blur guidance perturb the input; PAG, SEG and SLG the network in an extra pass
-(:mod:`sag.guidance.perturb`); APG reshapes the CFG update.
+(:mod:`sag.guidance.perturb`); APG reshapes the CFG update; ``*_cg`` kinds put classifier guidance around them.
+The degraded pass of the last guided call: ``sag.guidance.build.passes_of(g)`` (recorded by :mod:`sag.stages`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ Kinds (``KINDS``) and the terms they are made of (``TERMS``): ``none``; ``cfg`` 
 SAG built on the unconditional branch + CFG); ``sag_cg`` (classifier guidance around SAG); ``pag`` / ``pag_cfg``
 (Perturbed-Attention Guidance, :mod:`sag.guidance.pag`); ``seg`` / ``seg_cfg`` (Smoothed Energy Guidance,
 :mod:`sag.guidance.seg`); ``slg`` / ``slg_cfg`` (Skip Layer Guidance, :mod:`sag.guidance.slg`); ``apg`` (Adaptive
-Projected Guidance in place of CFG, :mod:`sag.guidance.apg`). Classifier guidance composes around any of them in
-Python: ``ClassifierGuidance(model, classifier, inner=build_guidance(model, "pag", ...))``.
+Projected Guidance in place of CFG, :mod:`sag.guidance.apg`); ``pag_cg`` / ``seg_cg`` / ``slg_cg`` (classifier
+guidance around PAG / SEG / SLG, as ``sag_cg`` around SAG). Classifier guidance composes around any other in Python:
+``ClassifierGuidance(model, classifier, inner=build_guidance(model, "pag_cfg", ...))``. Kinds whose guidance has a
+degraded pass (:data:`PASS_KINDS`: SAG, blur, PAG, SEG, SLG and their combinations) keep the x0 and eps of both passes
+of the last guided call on ``last_passes`` (:func:`passes_of`).
 
 One rule: every option belongs to one term and means the same in every kind that has the term. A *window* option
 of a term the kind lacks is refused (:class:`SagConfigError`) unless left at its neutral value; the *settings* of a
@@ -29,7 +32,8 @@ Options of :func:`build_guidance` (term in brackets):
 * ``cfg_scale`` [cfg, apg]: w of eps_u + (1 + w)(eps_c - eps_u) (0 = conditional only; diffusers'
   ``guidance_scale`` is 1 + w); in ``*_cfg`` kinds the CFG term beside the other term; APG's w.
 * ``cg_scale`` [cg]: lambda, the gradient's scale (0 = off; the official ``--classifier_scale``).
-* ``classifier`` [cg]: noise-aware ``classifier(x_t, t) -> logits``; required by cg, sag_cg.
+* ``classifier`` [cg]: noise-aware ``classifier(x_t, t) -> logits``; required by the kinds with a cg term
+  (:func:`needs_classifier`: cg, sag_cg, pag_cg, seg_cg, slg_cg).
 * ``cg_form`` [cg]: ``"score"`` or ``"official"`` (guided-diffusion); None = ``model.cg_form``.
 * ``pag_scale`` [pag]: s of eps_c + s (eps_c - eps_perturbed) (0 = off; diffusers' ``pag_scale``, default 3.0).
 * ``pag_layers`` [pag]: self-attention layer patterns whose attention map is the identity in the perturbed pass
@@ -50,7 +54,7 @@ Options of :func:`build_guidance` (term in brackets):
 * ``cg_start``, ``cg_stop`` [cg]: the CG window (outside: the inner call alone).
 
 Cost per guided step in network rows per image (counted by ``CallCounter``): none 1; cfg, apg 2; sag, blur, pag, seg,
-slg 2; their ``*_cfg`` 3; cg adds a classifier gradient.
+slg 2; their ``*_cfg`` 3; cg adds a classifier gradient (``*_cg``: the inner kind's rows plus the gradient).
 """
 
 from __future__ import annotations
@@ -72,14 +76,37 @@ from sag.models.base import DiffusionModel
 # "cfg", "apg", "cg".
 TERMS = {"none": (), "cfg": ("cfg",), "cg": ("cg",), "blur": ("sag",), "sag": ("sag",), "sag_cfg": ("sag", "cfg"),
          "sag_cg": ("sag", "cg"), "pag": ("pag",), "pag_cfg": ("pag", "cfg"), "seg": ("seg",),
-         "seg_cfg": ("seg", "cfg"), "slg": ("slg",), "slg_cfg": ("slg", "cfg"), "apg": ("apg",)}
+         "seg_cfg": ("seg", "cfg"), "slg": ("slg",), "slg_cfg": ("slg", "cfg"), "apg": ("apg",),
+         "pag_cg": ("pag", "cg"), "seg_cg": ("seg", "cg"), "slg_cg": ("slg", "cg")}
 KINDS = tuple(TERMS)
+# Kinds with a degraded (perturbed) pass: SAG / blur re-noise a degraded x0, PAG / SEG / SLG perturb the network.
+PASS_KINDS = tuple(k for k, terms in TERMS.items() if terms and terms[0] in ("sag", "pag", "seg", "slg"))
 PERTURBED = {"pag": PerturbedAttentionGuidance, "seg": SmoothedEnergyGuidance, "slg": SkipLayerGuidance}
 # Each window with its options at their neutral values (the whole trajectory, every step), and the terms using it.
 WINDOW_OPTIONS = {"sag": {"start": 0.0, "stop": 1.0, "every": 1}, "cfg": {"cfg_start": 0.0, "cfg_stop": 1.0},
                   "cg": {"cg_start": 0.0, "cg_stop": 1.0}}
 WINDOW_TERMS = {"sag": ("sag", "pag", "seg", "slg"), "cfg": ("cfg", "apg"), "cg": ("cg",)}
 TERM_NAMES = {"sag": "SAG/blur/PAG/SEG/SLG", "cfg": "CFG/APG", "cg": "classifier-guidance"}
+
+
+def needs_classifier(kind: str) -> bool:
+    """Whether guidance ``kind`` has a classifier-guidance term, so :func:`build_guidance` needs ``classifier``."""
+    return "cg" in TERMS.get(kind, ())
+
+
+def passes_of(guidance) -> dict:
+    """The ``last_passes`` of the degraded-pass term in ``guidance`` (a :func:`build_guidance` result, or one
+    wrapped by classifier guidance): ``{"x0", "x0_perturbed", "eps", "eps_perturbed"}`` of the last guided call, or
+    ``{}`` when the current step ran no degraded pass (outside its window, every-k, scale 0). ``eps`` is the
+    prediction in guidance space (the velocity for flow models, ``schedule.guidance_type``). A guidance without a
+    degraded pass (none, cfg, cg, apg) is refused with :class:`SagConfigError`."""
+    g = guidance
+    while g is not None and not hasattr(g, "last_passes"):
+        g = getattr(g, "inner", None)  # classifier guidance wraps the term; a plain model call ends the chain
+    if g is None:
+        raise SagConfigError(f"guidance {type(guidance).__name__} has no degraded pass to record; accepted: a kind "
+                             f"in {list(PASS_KINDS)}")
+    return g.last_passes
 
 
 def refuse_foreign_windows(kind: str, options: dict) -> None:
@@ -119,16 +146,19 @@ def build_guidance(model: DiffusionModel, kind: str = "sag", *, sag_scale: float
     if kind == "apg":
         return AdaptiveProjectedGuidance(model, cfg_scale, eta=apg_eta, norm_threshold=apg_norm_threshold,
                                          momentum=apg_momentum, start=cfg_start, stop=cfg_stop)
+    if needs_classifier(kind) and classifier is None:
+        raise SagConfigError(f"guidance {kind!r} needs a classifier; accepted: a noise-aware classifier(x_t, t)")
     if terms[0] in PERTURBED:
         own = {"pag": (pag_scale, pag_layers), "seg": (seg_scale, seg_layers), "slg": (slg_scale, slg_layers)}
         scale, patterns = own[terms[0]]
         extra = {"blur_sigma": seg_blur_sigma} if terms[0] == "seg" else {}
-        return PERTURBED[terms[0]](model, scale=scale, layers=patterns, **extra, **window, **cfg)
-    if "cg" in terms and classifier is None:
-        raise SagConfigError(f"guidance {kind!r} needs a classifier")
-    sag = None if kind == "cg" else SelfAttentionGuidance(
-        model, sag_scale, layers, psi, kernel_size, blur_sigma, mask="global" if kind == "blur" else "attention",
-        map_heads=map_heads, **window, **cfg)
-    if "cg" in terms:  # cg: around the model; sag_cg: around SAG
-        return ClassifierGuidance(model, classifier, cg_scale, cg_start, cg_stop, inner=sag, form=cg_form)
-    return sag
+        inner = PERTURBED[terms[0]](model, scale=scale, layers=patterns, **extra, **window, **cfg)
+    elif kind == "cg":
+        inner = None
+    else:
+        inner = SelfAttentionGuidance(
+            model, sag_scale, layers, psi, kernel_size, blur_sigma, mask="global" if kind == "blur" else "attention",
+            map_heads=map_heads, **window, **cfg)
+    if "cg" in terms:  # cg: around the model; sag_cg, pag_cg, seg_cg, slg_cg: around SAG / PAG / SEG / SLG
+        return ClassifierGuidance(model, classifier, cg_scale, cg_start, cg_stop, inner=inner, form=cg_form)
+    return inner

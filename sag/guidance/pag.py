@@ -14,9 +14,11 @@ Guidance math happens in eps space (``to_eps``/``from_eps``), so every predictio
 comes from the conditional branch. Outside the window (``start``/``stop``/``every``) a step costs one plain call
 (CFG: one 2B call, in its own ``cfg_start``/``cfg_stop`` window). Cost of a guided step: B + B rows (3B with CFG).
 
-The last guided call's two passes are kept on ``last_passes`` (``{"x0": ..., "x0_perturbed": ...}``, the x0
-estimates of the conditional and the perturbed prediction, clipped as the sampler's x0 for pixel models), so a
-study can see what the degraded prediction looked like.
+The last guided call's two passes are kept on ``last_passes`` (``{"x0", "x0_perturbed", "eps", "eps_perturbed"}``:
+the x0 estimates of the conditional and the perturbed prediction, clipped as the sampler's x0 for pixel models, and
+the two predictions in guidance space, (b, C, H, W) each), so a study can see what the degraded prediction looked
+like; it is emptied by ``begin_step``, so a step that runs no perturbed pass (outside the window, every-k, s = 0)
+leaves it ``{}`` (the capture stage records it: :func:`sag.stages.capture_run` ``passes``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class PerturbedGuidance(Guidance):
         """Update the perturbation window, the CFG window, then the inner call's."""
         super().begin_step(step, num_steps)
         self.cfg_window.update(step, num_steps)
+        self.last_passes = {}  # filled again only by a call that runs the perturbed pass
 
     def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         use_cfg = self._cfg is not None and self.cfg_window.active
@@ -73,7 +76,8 @@ class PerturbedGuidance(Guidance):
         # 2. the perturbed pass: same input and condition, network perturbed for this call only
         with self.perturbation():
             eps_ptb, _ = self.to_eps(self.inner(x, t, cond), x, t)
-        self.last_passes = {"x0": self.x0(eps_c, x, t), "x0_perturbed": self.x0(eps_ptb, x, t)}
+        self.last_passes = {"x0": self.x0(eps_c, x, t), "x0_perturbed": self.x0(eps_ptb, x, t), "eps": eps_c,
+                            "eps_perturbed": eps_ptb}
         # 3. combine
         if use_cfg:
             guided = perturbed_cfg_combine(eps[:b], eps_c, eps_ptb, self.cfg_scale, self.scale)

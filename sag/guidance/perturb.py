@@ -12,12 +12,19 @@ from diffusers (``diffusers/hooks/layer_skip.py``, the hooks its PAG / SLG guide
   (identity attention map), so the layer outputs ``to_out(to_v(h))`` -- the perturbed path of
   ``PAGIdentitySelfAttnProcessor2_0`` (Ahn et al. 2024). It needs a processor that calls SDPA
   (``AttnProcessor2_0``); any other is refused, since the identity would then silently not apply.
-* :func:`skip_layers` (SLG): a transformer block gets ``TransformerBlockSkipHook`` (block output = its
-  ``hidden_states`` input); an attention module gets ``AttentionProcessorSkipHook`` with diffusers' registered
+* :func:`skip_layers` (SLG): a transformer block gets :class:`BlockSkipHook` (diffusers' ``TransformerBlockSkipHook``
+  with the outputs in the block's own order: block output = its ``hidden_states`` and, for a two-stream block,
+  ``encoder_hidden_states`` inputs); an attention module gets ``AttentionProcessorSkipHook`` with diffusers' registered
   ``skip_processor_output_fn`` (output = the module's ``hidden_states`` input; for a residual attention block of a
   pixel UNet that removes the block, for ``attn1`` of a pre-norm transformer block the residual then adds the
   normed input instead of the attention: diffusers' ``skip_attention`` semantics).
 * :func:`perturb_modules` installs any ``ModelHook`` (e.g. diffusers' ``SmoothedEnergyGuidanceHook`` for SEG).
+
+Under attention capture (:func:`sag.capture.capture_attention`, e.g. the capture stage with ``guidance=pag``) a
+perturbed layer runs a recording processor, which neither calls SDPA as PAG's hook needs nor is registered for
+SLG's skip; :func:`unrecorded` gives it back diffusers' ``AttnProcessor2_0`` (what capture replaced) for the
+perturbed pass only, so that layer is not recorded in that pass (under PAG its map is the identity by
+construction, under SLG it is skipped) and every other captured layer is.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from sag.attention import _matches
+from sag.capture import RecordingProcessor
 from sag.errors import SagConfigError
 
 _NAMES = itertools.count()  # unique hook names, so nested or concurrent perturbations never collide
@@ -73,7 +81,7 @@ def _check_identity(name: str, module: nn.Module) -> None:
     if not isinstance(module, Attention) or module.is_cross_attention:
         raise SagConfigError(f"PAG layer {name!r} is not a self-attention layer; accepted: self-attention "
                              "Attention modules (sag.attention.select_layers)")
-    if not isinstance(module.processor, AttnProcessor2_0):
+    if not isinstance(module.processor, AttnProcessor2_0 | RecordingProcessor):  # recording: see unrecorded()
         raise SagConfigError(f"PAG layer {name!r} runs {type(module.processor).__name__}; accepted: "
                              "AttnProcessor2_0 (identity attention replaces its scaled_dot_product_attention)")
 
@@ -83,6 +91,25 @@ def check_identity_attention(net: nn.Module, layers: Iterable[str]) -> None:
     self-attention ``Attention`` module, or one whose processor does not call SDPA."""
     for name in layers:
         _check_identity(name, _module(net, name))
+
+
+@contextmanager
+def unrecorded(net: nn.Module, layers: Iterable[str]) -> Iterator[None]:
+    """While the block runs, each named self-attention module that records attention (a
+    :class:`sag.capture.RecordingProcessor` of :func:`sag.capture.capture_attention`, which accepts such a layer only
+    when it ran ``AttnProcessor2_0``) runs ``AttnProcessor2_0`` again; the recorder is put back in ``finally``.
+    Other modules (transformer blocks, layers not recorded) are left alone. See the module docstring."""
+    swapped: list[tuple[nn.Module, RecordingProcessor]] = []
+    try:
+        for name in layers:
+            module = _module(net, name)
+            if isinstance(module, Attention) and isinstance(module.processor, RecordingProcessor):
+                swapped.append((module, module.processor))
+                module.set_processor(AttnProcessor2_0())
+        yield
+    finally:
+        for module, recorder in reversed(swapped):
+            module.set_processor(recorder)
 
 
 def _identity_hook(name: str) -> Callable[[nn.Module], ModelHook]:
@@ -97,7 +124,8 @@ def identity_attention(net: nn.Module, layers: Iterable[str]) -> Iterator[None]:
     """PAG's perturbation for the ``with`` block: the self-attention map of each layer in ``layers`` (fully
     qualified names, e.g. from :func:`sag.attention.select_layers`) is the identity, so the layer outputs its
     value projection (diffusers' ``skip_attention_scores`` hook; see the module docstring)."""
-    with perturb_modules(net, {name: _identity_hook(name) for name in layers}):
+    layers = list(layers)
+    with unrecorded(net, layers), perturb_modules(net, {name: _identity_hook(name) for name in layers}):
         yield
 
 
@@ -143,7 +171,8 @@ def _skip_output(name: str, module: nn.Module):
             raise SagConfigError(f"SLG layer {name!r} is a {type(module).__name__}; accepted: a self-attention "
                                  "layer or a transformer block diffusers registers (skippable_modules)")
         return None
-    meta = _registered(AttentionProcessorRegistry, type(module.processor))
+    proc = AttnProcessor2_0 if isinstance(module.processor, RecordingProcessor) else type(module.processor)
+    meta = _registered(AttentionProcessorRegistry, proc)  # a recorder is swapped back at skip time (unrecorded)
     if meta is None:
         raise SagConfigError(f"SLG layer {name!r} runs {type(module.processor).__name__}, for which diffusers "
                              "registers no skip output; accepted: AttnProcessor2_0 or a transformer block")
@@ -156,11 +185,29 @@ def check_skip_layers(net: nn.Module, layers: Iterable[str]) -> None:
         _skip_output(name, _module(net, name))
 
 
+class BlockSkipHook(TransformerBlockSkipHook):
+    """diffusers' ``TransformerBlockSkipHook(dropout=1.0)`` with the skipped block's outputs in the block's own order:
+    diffusers returns ``(hidden_states, encoder_hidden_states)``, but e.g. SD3's ``JointTransformerBlock`` and Flux's
+    ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` return ``(encoder_hidden_states, hidden_states)``; the
+    ``TransformerBlockRegistry`` metadata's ``return_*_index`` (``diffusers/hooks/_helpers.py``) place each."""
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        meta = self._metadata
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden
+        out = [None, None]
+        out[meta.return_hidden_states_index] = hidden
+        out[meta.return_encoder_hidden_states_index] = meta._get_parameter_from_args_kwargs(
+            meta.encoder_hidden_states_argument_name, args, kwargs)
+        return tuple(out)
+
+
 def _skip_hook(name: str) -> Callable[[nn.Module], ModelHook]:
     def make(module: nn.Module) -> ModelHook:
         output_fn = _skip_output(name, module)
         if output_fn is None:
-            return TransformerBlockSkipHook(dropout=1.0)
+            return BlockSkipHook(dropout=1.0)
         return AttentionProcessorSkipHook(output_fn)
     return make
 
@@ -169,5 +216,6 @@ def _skip_hook(name: str) -> Callable[[nn.Module], ModelHook]:
 def skip_layers(net: nn.Module, layers: Iterable[str]) -> Iterator[None]:
     """SLG's perturbation for the ``with`` block: each named module (from :func:`select_skippable`) returns its
     ``hidden_states`` input (diffusers' layer-skip hooks; see the module docstring)."""
-    with perturb_modules(net, {name: _skip_hook(name) for name in layers}):
+    layers = list(layers)
+    with unrecorded(net, layers), perturb_modules(net, {name: _skip_hook(name) for name in layers}):
         yield

@@ -11,7 +11,9 @@ Per guided step (paper Sec. 4, official ``p_sample``/``ddim_sample``):
 5. a second model call on x_bar_t (unconditional under CFG);
 6. eps~ = eps + s (eps - eps(x_bar_t))  (Eq. 16), or with CFG Eq. 25.
 Learned variance is taken from the first pass. Outside the window a step costs one model call. ``t`` may be a
-scalar or a (b,) tensor.
+scalar or a (b,) tensor. After a guided call ``last_passes`` holds ``{"x0", "x0_perturbed", "eps", "eps_perturbed"}``:
+the x0 and eps of the first pass (the unconditional branch under CFG) and of the degraded pass on x_bar_t (as
+:class:`sag.guidance.pag.PerturbedGuidance`; ``{}`` after ``begin_step`` of a step that runs no degraded pass).
 
 ``map_heads`` chooses the heads of the map in step 1: ``"layer"`` (default) the layer's own heads;
 ``"official"`` the official code's grouping (:func:`resolve_map_heads`).
@@ -117,11 +119,13 @@ class SelfAttentionGuidance(Guidance):
             require_cond(model, "SAG with classifier-free guidance")
         self.cfg_window = Window(cfg_start, cfg_stop)
         self.store = AttentionStore()
+        self.last_passes: dict[str, Tensor] = {}
 
     def begin_step(self, step: int, num_steps: int) -> None:
         """Update the SAG window, the CFG window, then the inner call's."""
         super().begin_step(step, num_steps)
         self.cfg_window.update(step, num_steps)
+        self.last_passes = {}  # filled again only by a call that runs the degraded pass
 
     def validate(self, size: tuple[int, int]) -> None:
         """Refuse a blur kernel larger than the sample's smaller side (H, W); then the inner call's checks."""
@@ -160,10 +164,13 @@ class SelfAttentionGuidance(Guidance):
         # 3-4. degraded input
         sched = self.model.schedule  # the noise of x_t is eps itself in VP guidance space, from v for flow models
         noise = eps_u if sched.guidance_type == "epsilon" else sched.to_eps(eps_u, x, t, sched.guidance_type)
-        x_bar = degrade(self.x0(eps_u, x, t), noise, mask, t, sched, self.kernel_size, self.blur_sigma)
+        x0 = self.x0(eps_u, x, t)
+        x_bar = degrade(x0, noise, mask, t, sched, self.kernel_size, self.blur_sigma)
         # 5. second pass (unconditional under CFG, else the same condition)
         deg_cond = cc[:b] if use_cfg else cond
         eps_deg, _ = self.to_eps(self.inner(x_bar, t, deg_cond), x_bar, t)
+        self.last_passes = {"x0": x0, "x0_perturbed": self.x0(eps_deg, x_bar, t), "eps": eps_u,
+                            "eps_perturbed": eps_deg}
         # 6. combine
         if use_cfg:
             guided = sag_cfg_combine(eps_u, eps[b:], eps_deg, self.cfg_scale, self.scale)

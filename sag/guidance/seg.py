@@ -33,6 +33,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import Tensor, nn
 
 from sag.attention import select_layers
@@ -109,12 +110,19 @@ def _query_blur_hook(key: str, tracker: GridTracker, blur_sigma: float, module: 
 
 
 def check_query_layers(net: nn.Module, names: Iterable[str]) -> None:
-    """Refuse (:class:`SagConfigError`) a layer whose query is not a separate ``to_q`` Linear (fused qkv)."""
+    """Refuse (:class:`SagConfigError`) a layer whose query is not a separate ``to_q`` Linear (fused qkv), or whose
+    ``to_q`` sees text tokens too: a Flux single-stream ``FluxAttention`` (no ``add_q_proj``; its ``to_q`` input is
+    [text; image], ``FluxSingleTransformerBlock``), which has no image token grid to blur on. A joint layer (SD3's
+    ``Attention``, Flux's ``transformer_blocks.N.attn``) projects text by ``add_q_proj``: its ``to_q`` sees the image
+    tokens only, blurred on the (packed) latent grid."""
     for n in names:
         m = net.get_submodule(n)
         if getattr(m, "fused_projections", False) or not isinstance(getattr(m, "to_q", None), nn.Linear):
             raise SagConfigError(f"SEG blurs the output of layer {n!r}'s to_q projection, which it does not have "
                                  "(fused qkv); accepted: attention layers with a separate to_q Linear")
+        if isinstance(m, FluxAttention) and m.added_kv_proj_dim is None:
+            raise SagConfigError(f"SEG layer {n!r} is a single-stream FluxAttention whose to_q sees text and image "
+                                 "tokens together (no image grid); accepted: joint layers (transformer_blocks.N.attn)")
 
 
 @contextmanager
@@ -144,8 +152,8 @@ class SmoothedEnergyGuidance(PerturbedGuidance):
     ``cfg_scale`` is w of CFG (0 = no CFG; diffusers' and SEG-SDXL's ``guidance_scale`` g = 1 + w) with its own
     ``cfg_start``/``cfg_stop`` window; ``start``/``stop``/``every`` are the SEG window (outside: one plain or CFG
     call). Learned variance comes from the conditional branch. After each guided call, ``last_passes`` holds
-    ``{"x0": x0 of the conditional pass, "x0_perturbed": x0 of the perturbed pass}`` (clipped for pixel models,
-    (b, C, H, W)), so attention studies can look at what SEG perturbs.
+    ``{"x0", "x0_perturbed", "eps", "eps_perturbed"}`` of the conditional and the perturbed pass (x0 clipped for pixel
+    models; (b, C, H, W) each), so attention studies can look at what SEG perturbs.
     """
 
     what = "seg"

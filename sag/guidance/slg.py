@@ -2,7 +2,8 @@
 wrapper: the degraded prediction is the same model call with chosen modules skipped.
 
 The perturbation (:func:`sag.guidance.perturb.skip_layers`, diffusers' layer-skip hooks): each chosen transformer
-block returns its input (diffusers ``TransformerBlockSkipHook``; SD3's pipeline skips whole blocks the same way),
+block returns its input (diffusers ``TransformerBlockSkipHook`` with the outputs in the block's own order,
+:class:`sag.guidance.perturb.BlockSkipHook`; SD3's pipeline skips whole blocks the same way, ``skip_layers``),
 each chosen attention module returns its ``hidden_states`` input (diffusers ``AttentionProcessorSkipHook``).
 The combination is diffusers' ``guiders/skip_layer_guidance.py`` ``SkipLayerGuidance.forward``
 (:mod:`sag.guidance.family_functions`): with CFG eps_u + (1 + w)(eps_c - eps_u) + s (eps_c - eps_skip), the SD3
