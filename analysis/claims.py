@@ -21,7 +21,9 @@ band; Exp. C on the forward-noised scenes with exact masks). Rows of the table (
   (95 %, unadjusted) and one paired test over images (the hierarchical bootstrap's top level: images are
   resampled, layers and t within an image move together). No verdict (descriptive).
 * ``exploratory``: every scope of the ``stats`` table (layer x patch x psi x step/t, mode or source), effect and
-  unadjusted 95 % CI, raw p; no verdict and no vote. ``t_band`` labels each row by ``claims.t_band_edges``.
+  unadjusted 95 % CI, raw p; no verdict and no vote. ``t_band`` labels each row by ``claims.t_band_edges``. Runs
+  captured with ``received_heads`` add a scope per attention head (``head`` >= 0, :mod:`analysis.heads`); every
+  other row has ``head`` = -1 (the head mean): primaries and pooled rows are always head-mean.
 
 ``direction`` (every row) says where the row's CI lies: ``paper`` (claimed side), ``opposite`` or ``neither``.
 B1 ("at every frequency") is an intersection claim: in each scope the bin with the lowest CI lower bound decides
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.schemas import validate
+from analysis.schemas import HEAD_MEAN, validate, with_defaults
 from analysis.stats import Comparison, correlation_comparisons, frequency_comparisons, holm, images_for_power
 from analysis.verdicts import (  # noqa: F401  (re-exported: the rules are part of this module's API)
     SCOPE_KEYS,
@@ -266,6 +268,7 @@ def claims_table(stats: pd.DataFrame, freq: pd.DataFrame | None = None, corr: pd
     stats' own test, resamples and seed). Columns: analysis.schemas "claims" plus comparison, layer, patch, psi,
     mode, source, target, step, t, t_band, freq, ci_level, direction, alpha, min_n, sd, mean_b, in_paper_range,
     effect_uncontrolled, pooled_over."""
+    stats = with_defaults(stats, "stats")  # head -1 (the head mean) on tables without per-head rows
     comps = (frequency_comparisons(freq) if freq is not None and len(freq) else []) + (
         correlation_comparisons(corr) if corr is not None and len(corr) else [])
     layers = sorted(set(stats["layer"].astype(str))) if "layer" in stats else []
@@ -281,12 +284,12 @@ def claims_table(stats: pd.DataFrame, freq: pd.DataFrame | None = None, corr: pd
         if prim.empty:
             prim = pd.DataFrame([{"n": 0, "n_empty": 0, "effect": np.nan, "ci_low": np.nan, "ci_high": np.nan,
                                   "p": np.nan, "layer": judge.layer or ""}])
-        prim = prim.assign(scope="primary", adjusted=True, ci_level=level)
+        prim = prim.assign(scope="primary", adjusted=True, ci_level=level, head=HEAD_MEAN)  # never per head
         prim["effect_uncontrolled"] = [_uncontrolled(stats, claim, r) for _, r in prim.iterrows()]
         pooled = judge.pooled_rows(claim)
         if len(pooled) and claim.comparison == "masked_vs_unmasked":
             pooled = _decide_bins(pooled, [k for k in SCOPE_KEYS if k != "freq" and k in pooled])
-        pooled = pooled.assign(scope="pooled", adjusted=False, ci_level=0.95, p_adj=np.nan, verdict="")
+        pooled = pooled.assign(scope="pooled", adjusted=False, ci_level=0.95, p_adj=np.nan, verdict="", head=HEAD_MEAN)
         for part, a in ((prim, alpha / m), (pooled, alpha)):
             part["n_for_80pct_power"] = [_power(r, claim, a) for _, r in part.iterrows()]
         parts += [df.assign(claim_id=cid, claim=claim.claim, paper_value=claim.paper_value, measure=claim.measure)

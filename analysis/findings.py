@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.schemas import with_defaults
 from analysis.stats import holm
 from analysis.verdicts import SCOPE_KEYS, direction, measure_columns, verdict
 from sag.errors import SagConfigError
@@ -30,6 +31,7 @@ def check_claims(stats: pd.DataFrame, claims: pd.DataFrame) -> list[str]:
     the primaries' Holm family, and each primary / exploratory row's n, effect and p (exploratory: also the CI)
     against the stats row of the same comparison and scope. Empty list: all consistent."""
     bad = []
+    stats, claims = with_defaults(stats, "stats"), with_defaults(claims, "claims")  # tables from before ``head``
     for i, r in claims.iterrows():
         want = verdict(r.ci_low, r.ci_high, r.p_adj, int(r.n), r.alpha, int(r.min_n)) if r.scope == "primary" else ""
         if r.verdict != want:
@@ -81,7 +83,8 @@ def _ci(r: pd.Series) -> str:
 def scope_label(r: pd.Series) -> str:
     bits = [f"psi {r.psi:g}" if np.isfinite(r.psi) else "", f"{int(r.patch)} px" if np.isfinite(r.patch) else "",
             f"t = {r.t:g}" if np.isfinite(r.t) else "", r["mode"] or r["source"],
-            f"bin {int(r.freq)}" if np.isfinite(r.freq) else ""]
+            f"bin {int(r.freq)}" if np.isfinite(r.freq) else "",
+            f"head {int(r['head'])}" if r.get("head", -1) >= 0 else ""]  # per-head rows (analysis.heads)
     return ", ".join(b for b in bits if b)
 
 
@@ -107,6 +110,8 @@ def _primary_line(cid: str, rows: pd.DataFrame) -> str:
 
 def _exploratory_line(rows: pd.DataFrame) -> str:
     ex = rows[rows["scope"] == "exploratory"]
+    per_head = ex[ex["head"] >= 0] if "head" in ex else ex.iloc[:0]  # analysis.heads: summed up apart, at the end
+    ex = ex.drop(per_head.index)
     if ex.empty:
         return ""
     by = ["layer", "t_band", "mode", "source"]
@@ -116,7 +121,12 @@ def _exploratory_line(rows: pd.DataFrame) -> str:
     text = (f"  Exploratory ({len(ex)} scopes, unadjusted): the paper's direction in every scope of "
             f"{len(paper)} of {len(groups)} (layer, t band) groups")
     text += f" ({'; '.join(paper)})" if paper else ""
-    return text + f", inverted in every scope of {opposite}."
+    text += f", inverted in every scope of {opposite}."
+    if len(per_head):
+        d = per_head["direction"]
+        text += (f" Per head ({len(per_head)} scopes, {per_head['head'].nunique()} heads): the paper's direction in "
+                 f"{int((d == 'paper').sum())}, the opposite in {int((d == 'opposite').sum())}.")
+    return text
 
 
 def findings_markdown(claims: pd.DataFrame) -> str:

@@ -25,7 +25,7 @@ from analysis.findings import format_effect, scope_label
 from analysis.schemas import validate
 
 UNITS = {"rel_effect_pct": "(relative)", "effect": "(paired Δ)"}  # format_effect writes the "%"
-SCOPE_COLUMNS = ["layer", "patch", "psi", "source", "mode", "target", "t", "t_band", "freq"]
+SCOPE_COLUMNS = ["layer", "head", "patch", "psi", "source", "mode", "target", "t", "t_band", "freq"]
 
 
 def _claim_ci(lo: float, hi: float, measure: str) -> str:
@@ -122,6 +122,7 @@ def exploratory_overview(claims: pd.DataFrame, claim_id: str) -> pd.DataFrame:
     them have their 95 % CI on the paper's side (↑) or the opposite side (↓), unadjusted. Empty frame: none."""
     validate(claims, "claims")
     ex = claims[(claims["scope"] == "exploratory") & (claims["claim_id"] == claim_id)]
+    ex = ex[ex["head"] < 0] if "head" in ex else ex  # head-mean scopes (per-head rows: analysis.heads)
     if ex.empty:
         return pd.DataFrame()
     ex = ex.assign(t_band=ex["t_band"].replace("", "all t").fillna("all t") if "t_band" in ex else "all t",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 VERDICTS = ("supported", "not shown", "contradicted")
-# the columns that identify a scope of the stats table (analysis.stats FREQ_KEYS / CORR_KEYS, the bin, the target)
-SCOPE_KEYS = ["layer", "patch", "psi", "source", "mode", "target", "step", "t", "freq"]
+# the columns that identify a scope of the stats table (analysis.stats FREQ_KEYS / CORR_KEYS, the bin, the target;
+# head: the attention head of a per-head row, -1 for the head mean, analysis.heads)
+SCOPE_KEYS = ["layer", "patch", "psi", "source", "mode", "target", "step", "t", "freq", "head"]
 
 
 def verdict(ci_low: float, ci_high: float, p_adj: float, n: int, alpha: float, min_n: int = 1) -> str:

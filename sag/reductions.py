@@ -4,12 +4,13 @@ A captured layer's probabilities ``attn_probs`` (b, heads, q, k), rows summing t
 chunk by chunk over the queries: a chunk holds rows [q0, q0 + c) of all heads, and c is the largest count whose
 float32 chunk fits ``chunk_bytes`` (:func:`query_chunk`; at least one query row, even where one row alone is
 larger). One chunk buffer per capture is reused by every layer and call (:class:`Workspace`), so the extra
-memory of recording is one chunk plus the reductions' outputs: received (b, k), row_entropy (b, q),
-query_subsample (b, q / stride^2, k); head_mean (b, q, k) and full (b, heads, q, k) are that large by definition.
+memory of recording is one chunk plus the reductions' outputs: received (b, k), received_heads (b, heads, k),
+row_entropy (b, q), query_subsample (b, q / stride^2, k); head_mean (b, q, k) and full (b, heads, q, k) are that large
+by definition.
 
 Where one chunk covers the layer, every reduction is bit-identical to :func:`reduce_probs` on the whole tensor.
-With several chunks, received adds per-chunk partial sums over queries (float32 reassociation, relative error
-~1e-7 x the number of chunks) and everything else is computed row by row exactly as on the whole tensor.
+With several chunks, received and received_heads add per-chunk partial sums over queries (float32 reassociation,
+relative error ~1e-7 x the number of chunks) and everything else is computed row by row exactly as on the whole tensor.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from torch.nn.attention import SDPBackend
 # full: (b, heads, q, k) | head_mean: (b, q, k) | received: (b, h, w) attention mass each key receives,
 # summed over queries after the head mean (the quantity SAG thresholds; its mean over keys is exactly 1)
 # | query_subsample: (b, h', w', k) head-mean rows of every stride-th query in each grid direction
-# | row_entropy: (b, h, w) entropy of each query's attention row, head mean.
-REDUCTIONS = ("full", "head_mean", "received", "query_subsample", "row_entropy")
+# | row_entropy: (b, h, w) entropy of each query's attention row, head mean
+# | received_heads: (b, heads, h, w) received per head, sum over queries without the head mean (its mean over heads
+# is received: both are linear in the probabilities; heads x the storage of received, so never a default).
+REDUCTIONS = ("full", "head_mean", "received", "query_subsample", "row_entropy", "received_heads")
 # 128 MiB: one chunk for every layer of the embedded and tiny models (embedded, batch 8: 8 x 8 heads x 256^2 x 4 B
 # = 16 MiB), four for a 64x64-token SD-1.5 layer at batch 1 (8 heads x 4096^2 x 4 B = 512 MiB).
 DEFAULT_CHUNK_BYTES = 1 << 27
 _MEAN_BASED = ("head_mean", "received", "query_subsample")
 # computed by :func:`reduce_from_lse` from fused-kernel passes, without any (q, k) tensor
-LSE_REDUCTIONS = ("received", "row_entropy")
+LSE_REDUCTIONS = ("received", "row_entropy", "received_heads")
 
 
 def query_chunk(bytes_per_query: int, queries: int, chunk_bytes: int) -> int:
@@ -73,7 +76,7 @@ class ChunkedReduction:
     def __init__(self, reductions: Iterable[str], grid: tuple[int, int], cross: bool, stride: int):
         self.reductions, self.grid, self.cross, self.stride = tuple(reductions), grid, cross, int(stride)
         self.parts: dict[str, list[Tensor]] = {r: [] for r in self.reductions}
-        self.received: Tensor | None = None
+        self.sums: dict[str, Tensor] = {}  # received / received_heads: running sums over the query chunks
 
     def add(self, probs: Tensor, q0: int) -> None:
         """Reduce ``probs`` (b, heads, c, k) float32, the rows of queries q0 .. q0 + c - 1 (may be reused after)."""
@@ -85,9 +88,9 @@ class ChunkedReduction:
                 self.parts[r].append(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1))
             elif r == "head_mean":
                 self.parts[r].append(mean)
-            elif r == "received":
-                part = mean.sum(1)
-                self.received = part if self.received is None else self.received + part
+            elif r in ("received", "received_heads"):
+                part = mean.sum(1) if r == "received" else probs.sum(2)  # (b, k) | (b, heads, k)
+                self.sums[r] = part if r not in self.sums else self.sums[r] + part
             elif r == "query_subsample":
                 rows = _subsample_rows(self.grid, self.stride, q0, q0 + probs.shape[2], probs.device)
                 self.parts[r].append(mean.index_select(1, rows))
@@ -97,9 +100,9 @@ class ChunkedReduction:
         h, w = self.grid
         out: dict[str, Tensor] = {}
         for r in self.reductions:
-            if r == "received":
-                b = self.received.shape[0]
-                out[r] = self.received if self.cross else self.received.reshape(b, h, w)
+            if r in self.sums:
+                rec = self.sums[r]
+                out[r] = rec if self.cross else rec.reshape(*rec.shape[:-1], h, w)
                 continue
             parts = self.parts[r]
             whole = parts[0] if len(parts) == 1 else torch.cat(parts, 2 if r == "full" else 1)
@@ -126,6 +129,10 @@ def reduce_probs(probs: Tensor, grid: tuple[int, int], cross: bool, reductions: 
         if r == "row_entropy":
             ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)
             out[r] = ent.reshape(b, h, w)
+            continue
+        if r == "received_heads":
+            rec = probs.sum(2)  # (b, heads, k)
+            out[r] = rec if cross else rec.reshape(b, -1, h, w)
             continue
         if mean is None:
             mean = probs.mean(1)
@@ -154,28 +161,32 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor,
 
 def reduce_from_lse(query: Tensor, key: Tensor, lse: Tensor, grid: tuple[int, int], cross: bool,
                     reductions: Iterable[str]) -> dict[str, Tensor]:
-    """received and row_entropy of softmax(q k^T / sqrt(d)) without forming it: two more passes of the fused
-    kernel, each O(q k d) time and O((q + k) d) memory. q (b, heads, q, d), k (b, heads, k, d), ``lse`` the row
-    log-sum-exp (b, heads, q) of the layer's own pass (:func:`attention_with_lse`).
+    """received, received_heads and row_entropy of softmax(q k^T / sqrt(d)) without forming it: two more passes of
+    the fused kernel, each O(q k d) time and O((q + k) d) memory. q (b, heads, q, d), k (b, heads, k, d), ``lse`` the
+    row log-sum-exp (b, heads, q) of the layer's own pass (:func:`attention_with_lse`).
 
     received: per head, the column sums of P = exp(s - lse) are the normalisers of the transposed attention,
     keys attending to queries with the additive bias -lse: sum_q exp(s_qk - lse_q) = exp(lse'_k), lse' that
-    pass's log-sum-exp (the bias enters as an extra channel of q and k). row_entropy: H_q = -sum_k P_qk log P_qk
-    = lse_q - sum_k P_qk s_qk = lse_q - (q . softmax(s) k) / sqrt(d), the second term an attention with the keys
-    as values. Equal to :func:`reduce_probs` up to float32 rounding (~1e-6; tests/test_capture_chunks.py)."""
+    pass's log-sum-exp (the bias enters as an extra channel of q and k); received_heads keeps them per head (one pass
+    serves both). row_entropy: H_q = -sum_k P_qk log P_qk = lse_q - sum_k P_qk s_qk = lse_q - (q . softmax(s) k) /
+    sqrt(d), the second term an attention with the keys as values. Equal to :func:`reduce_probs` up to float32
+    rounding (~1e-6; tests/test_capture_chunks.py, tests/test_heads.py)."""
     q, k = query.float(), key.float()
     b = q.shape[0]
     h, w = grid
     out: dict[str, Tensor] = {}
+    per_head = None  # (b, heads, k): sum_q P_qk of every head, from one pass
     for r in reductions:
-        if r == "received":
-            # the bias rides in the vectors, [k / sqrt(d), 1] . [q, -lse] = s - lse (a mask would take the kernel's
-            # slower masked path): keys attend to queries at scale 1
-            q_aug = torch.cat([q, -lse[..., None].float()], -1)
-            k_aug = torch.cat([k * k.shape[-1] ** -0.5, torch.ones_like(k[..., :1])], -1)
-            _, lse_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(k_aug, q_aug, q_aug, scale=1.0)
-            rec = lse_t.exp().mean(1)  # head mean of sum_q P_qk
-            out[r] = rec if cross else rec.reshape(b, h, w)
+        if r in ("received", "received_heads"):
+            if per_head is None:
+                # the bias rides in the vectors, [k / sqrt(d), 1] . [q, -lse] = s - lse (a mask would take the
+                # kernel's slower masked path): keys attend to queries at scale 1
+                q_aug = torch.cat([q, -lse[..., None].float()], -1)
+                k_aug = torch.cat([k * k.shape[-1] ** -0.5, torch.ones_like(k[..., :1])], -1)
+                _, lse_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(k_aug, q_aug, q_aug, scale=1.0)
+                per_head = lse_t.exp()
+            rec = per_head.mean(1) if r == "received" else per_head  # received: the head mean
+            out[r] = rec if cross else rec.reshape(*rec.shape[:-1], h, w)
         elif r == "row_entropy":
             o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k)
             out[r] = (lse - (q * o).sum(-1) * q.shape[-1] ** -0.5).mean(1).reshape(b, h, w)
