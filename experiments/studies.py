@@ -4,6 +4,8 @@
     python -m experiments.studies seeds=0-63 steps=20                 # run_dir=null: capture first
     python -m experiments.studies run_dir=<run> correlation_modes=[samples] object_masks=files object_masks_dir=<dir>
                                                                       # Exp. C with your own masks (any model)
+    python -m experiments.studies run_dir=<run> correlation_modes=[samples] object_masks=segmentation \
+        object_masks_model=<local transformers segmentation folder>   # Exp. C with a segmentation model's masks
 
 Writes ``<run_dir>/tables/{attention_timesteps,frequency,frequency_surface,object_correlation,stats,claims}``
 (analysis.schemas) and prints where, with the capture and analysis wall times. The work is
@@ -34,13 +36,17 @@ def run_model(cfg: DictConfig, run_dir: Path):
 
 def check_before_capture(cfg: DictConfig, run_dir: Path, studies, modes, masks) -> None:
     """What run_studies checks on a run, before capturing one: the model's domain (the model is built once more
-    for it, only when Exp. C needs a helper of the embedded domain) and one mask file per seed."""
+    for it, only when Exp. C needs a helper of the embedded domain), one mask file per seed, and that a
+    segmentation model loads."""
     from analysis.driver import check_sources
+    from analysis.segmentation_masks import check_loads
 
     if "correlation" in studies and ("scenes" in modes or masks.needs_domain):
         check_sources(run_model(cfg, run_dir), studies, modes, masks)
     if "correlation" in studies and "samples" in modes and not masks.needs_domain:
         masks.check_seeds(run_inputs(cfg).seeds)
+    if "correlation" in studies and "samples" in modes and masks.kind == "segmentation":
+        check_loads(masks.segmentation)  # the segmentation model loads (it runs after the capture)
 
 
 def plain(node) -> dict:
@@ -52,14 +58,16 @@ def plain(node) -> dict:
 def main(cfg: DictConfig) -> None:
     from analysis.driver import ClaimsSettings, ScenesSettings, check_studies, run_studies  # after --help/parsing
     from analysis.masks_source import ObjectMasks
+    from analysis.segmentation_masks import config_keys as segmentation  # object_masks=segmentation
     from analysis.studies import Settings
     from analysis.tables import TableError, write_table
+    from analysis.word_masks import config_keys as word_masks  # object_masks=cross_attention
 
     with user_errors():
         settings = Settings(**plain(cfg.analysis))
         studies, modes = check_studies(cfg.studies, cfg.correlation_modes)
         scenes, claims = ScenesSettings(**plain(cfg.scenes)), ClaimsSettings(**plain(cfg.claims))
-        masks = ObjectMasks.parse(cfg.object_masks, cfg.object_masks_dir)
+        masks = ObjectMasks.parse(cfg.object_masks, cfg.object_masks_dir, segmentation(cfg), word_masks(cfg))
         if cfg.run_dir is None:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             check_before_capture(cfg, run_dir, studies, modes, masks)

@@ -57,6 +57,7 @@ class CaptureSpec:
     exact: bool = True  # layer outputs bit-identical to uncaptured runs (see RecordingProcessor)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory budget of one chunk of probabilities (sag.reductions)
     lse_maps: bool = False  # True: maps from the attention kernel's log-sum-exp where it gives one (faster)
+    word_maps: list[str | int] | None = None  # prompt words' cross-attention maps (DAAM; sag.word_maps), or None
 
     def __post_init__(self) -> None:
         self.layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
@@ -365,8 +366,7 @@ def capture_attention(
     of earlier versions bit for bit): :class:`RecordingProcessor`. ``map_heads=n`` records the official SAG code's
     n pseudo-head probabilities (:func:`regrouped_probs`, ``qkv_layout`` in ``QKV_LAYOUTS``) instead of the layer's
     heads; the output stays the layer's own. ``chunk_bytes`` bounds one chunk of probabilities (float32 bytes,
-    :mod:`sag.reductions`). ``rows=n`` records the first n images of every call only (SAG under CFG).
-    """
+    :mod:`sag.reductions`). ``rows=n`` records the first n images of every call only (SAG under CFG)."""
     reductions = tuple(reductions)
     _check_args(reductions, query_stride, chunk_bytes, rows, qkv_layout)
     names = _layer_names(net, layers, include_cross)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,7 @@ from sag.records import RecordWriter
 from sag.sampling import StepInfo, sample
 from sag.seeds import format_seeds
 from sag.sizes import check_size
+from sag.word_maps import WordColumns, recorder_for_run
 
 RUN_FILE = "run.json"
 STATE_DIR = ".state"  # sampler checkpoints and the run's resume key; removed when the run completes
@@ -99,30 +101,38 @@ def load_samples(run_dir: str | Path) -> tuple[list[int], Tensor]:
 class _RunOutputs:
     """The run dir side of sampling: records per step, images and sample batches per batch, finished batches."""
 
-    def __init__(self, model: DiffusionModel, out: Path, capture: CaptureSpec | None, info: dict):
-        self.model, self.samples_dir, self.capture = model, out / "samples", capture
+    def __init__(self, model: DiffusionModel, out: Path, capture: CaptureSpec | None, info: dict, step_extras=None,
+                 word_columns: WordColumns | None = None):
+        self.model, self.samples_dir, self.capture, self.step_extras = model, out / "samples", capture, step_extras
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         self.writer = RecordWriter(out / "records", capture.dtype, meta=info) if capture else None
         self.store = AttentionStore()
+        self.words = recorder_for_run(model, out, capture, word_columns, out / STATE_DIR)  # capture.word_maps
 
     def attention(self):
         """The capture context (a no-op without a capture spec); it yields the store ``on_step`` pops."""
         c, net = self.capture, self.model.net
         if c is None:
             return nullcontext(self.store)
-        return capture_attention(net, c.layers, c.reductions, c.include_cross, c.query_stride, store=self.store,
-                                 exact=c.exact, chunk_bytes=c.chunk_bytes, lse_maps=c.lse_maps)
+        ctx = capture_attention(net, c.layers, c.reductions, c.include_cross, c.query_stride, store=self.store,
+                                exact=c.exact, chunk_bytes=c.chunk_bytes, lse_maps=c.lse_maps)
+        return ctx if self.words is None else self.words.around(ctx)  # + the word maps' hooks (sag.word_maps)
 
     def on_step(self, s: StepInfo) -> None:
         records = self.store.pop()  # this step's maps; popping keeps memory flat over steps
-        extras = {"x0": s.denoised} if self.capture.record_x0 else None
+        extras = {"x0": s.denoised} if self.capture.record_x0 else {}
+        extras |= self.step_extras(s) if self.step_extras else {}  # e.g. the guidance's passes (sag.stages)
         self.writer.write_step(batch_index=s.batch_index, step=s.step, num_steps=s.num_steps, t=s.t,
                                seeds=s.seeds, records=records, extras=extras)
+        if self.words is not None:
+            self.words.on_step(s)
 
     def on_batch_end(self, bi: int, bseeds: list[int], x: Tensor) -> None:
         images = to_uint8(self.model.to_images(x.to(self.model.device, self.model.dtype)))
         for s, im in zip(bseeds, images):
             Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(self.samples_dir / f"{s:06d}.png")
+        if self.words is not None:  # before the samples batch, which marks the batch done
+            self.words.write(bi, bseeds, tuple(x.shape[-2:]))
         write_batch(batch_path(self.samples_dir, bi), x, bseeds)
 
     def done_batch(self, bi: int, bseeds: list[int]) -> Tensor | None:
@@ -143,7 +153,8 @@ def _run_info(model: DiffusionModel, scheduler: SchedulerMixin, steps: int, seed
             "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
             "steps": steps, "seeds": format_seeds(seeds),
             "batch_size": batch_size, "size": list(size) if size else None,
-            "capture": asdict(capture) if capture else None, "guidance": (meta or {}).get("guidance")}
+            "capture": asdict(capture) if capture else None, "guidance": (meta or {}).get("guidance"),
+            **({"passes": meta["passes"]} if (meta or {}).get("passes") else {})}  # sag.stages: recorded passes
 
 
 def run_sampling(
@@ -161,18 +172,24 @@ def run_sampling(
     meta: dict | None = None,
     progress: bool = True,
     check_finite: bool = True,
+    step_extras: Callable[[StepInfo], dict[str, Tensor]] | None = None,
+    word_columns: WordColumns | None = None,
 ) -> dict:
     """Sample ``seeds`` with ``model_fn`` (a guidance wrapper; default the model); write images and samples
     to ``samples/`` and (if ``capture``) attention records of every step to ``records/``. Returns the
-    manifest written to ``run.json``. Capture records the first model call of each step (call 0)."""
+    manifest written to ``run.json``. Capture records every model call of each step (call 0 first);
+    ``step_extras(step_info)`` adds per-step records beside ``x0`` (needs ``capture``); ``capture.word_maps``
+    records the prompt words' cross-attention maps at the columns ``word_columns`` (:mod:`sag.word_maps`)."""
     out = Path(out_dir)
     check_size(model, size)  # before anything is written: a size the network cannot take fails here
+    if step_extras is not None and capture is None:
+        raise SagConfigError("step_extras are written with the records; accepted: a capture spec with them")
     info = _run_info(model, scheduler, steps, seeds, batch_size, size, capture, meta)
     done = _resume_or_start(out, info)
     if done is not None:
         return done
     info.update({k: v for k, v in (meta or {}).items() if k not in info})
-    outputs = _RunOutputs(model, out, capture, info)
+    outputs = _RunOutputs(model, out, capture, info, step_extras, word_columns)
     started = time.time()
     try:
         with outputs.attention():
