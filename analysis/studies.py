@@ -5,9 +5,21 @@ the final images ``samples/*.png`` and, for Exp. C, the masks of :mod:`sag.probe
 ``attention_timesteps``, ``frequency``, ``frequency_surface`` and ``object_correlation`` (columns:
 :mod:`analysis.schemas`). :func:`analysis.driver.run_studies` runs them on a run dir, with stats and claims.
 
-Patch sizes: the paper varies the pixel patch one token covers (8, 16, 32 px on 256 px images, Sec. 2.4). A
-layer with an h x w grid on H x W images has a native patch p0 = H / h; a requested patch p (a multiple of p0
-dividing the image) uses the received mass average-pooled by p / p0, so one layer yields several patch sizes.
+Token grid -> analysed image (:func:`token_px`): the studies analyse the run's DECODED final images
+(``samples/*.png``, written through ``DiffusionModel.to_images``), so a layer with an h x w token grid on H x W
+images covers ``token_px = H / h = W / w`` image pixels per token side (square tokens; H != W is fine). That one
+ratio is the whole mapping: pixel UNets, the UNet's downsampling (2^k); latent UNets (SD/SDXL), that downsampling
+x the VAE factor (8 for SD: the 8x8 mid-block grid of a 64x64 latent covers 64 px of the 512 px image); DiT/SD3,
+the patch size x the VAE factor. A grid that does not cut the images into square integer patches is refused in
+one line. Every table carries ``token_px``. The x0 estimates in ``records/`` are in model space: for a latent
+model they are latents, not images, so Exp. B on ``source=x0`` is refused there (:func:`check_mapping`;
+``analysis.sources=[final]``) rather than decoded (one VAE decode per step and seed).
+
+Patch sizes: the paper varies the pixel patch one token covers (8, 16, 32 px on 256 px images, Sec. 2.4), and so
+do ``patch_sizes``, in pixels of the decoded image. A requested patch p (dividing both image sides) is used by
+every layer whose ``token_px`` divides it, with the received mass average-pooled by p / token_px, so one layer
+yields several patch sizes; a layer whose ``token_px`` does not divide p skips p (finer than its token or off its
+stride: never rounded); a p that no layer can use is refused in one line, with each layer's ``token_px``.
 """
 
 from __future__ import annotations
@@ -88,13 +100,24 @@ def open_records(root: str | Path) -> RecordReader:
         raise SagConfigError(str(e)) from None
 
 
-def layer_patches(grid: tuple[int, int], image_hw: tuple[int, int],
-                  patch_sizes: list[int] | None) -> list[tuple[int, int]]:
-    """[(patch, pool factor)] usable for a layer: requested sizes that are multiples of its native patch."""
-    (h, w), (hh, ww) = grid, image_hw
+def token_px(grid: tuple[int, int], image_hw: tuple[int, int], layer: str = "") -> int:
+    """Pixels of the analysed (decoded) image per token side of a layer with token ``grid`` (h, w) on images of
+    ``image_hw`` (H, W): H / h, which must equal W / w (square tokens; module docstring: VAE factor, DiT patch).
+    A one-line SagConfigError naming ``layer`` when the grid does not cut the images into square integer patches."""
+    (h, w), (hh, ww) = (int(g) for g in grid), (int(i) for i in image_hw)
     if hh % h or ww % w or hh // h != ww // w:
-        return []
-    native = hh // h
+        raise SagConfigError(f"layer {layer!r}: its {h}x{w} token grid does not cut the {hh}x{ww} images into "
+                             f"square integer patches ({hh / h:g} x {ww / w:g} px per token); accepted: layers "
+                             "(capture.layers) whose grid divides both image sides by the same factor")
+    return hh // h
+
+
+def layer_patches(grid: tuple[int, int], image_hw: tuple[int, int],
+                  patch_sizes: list[int] | None, layer: str = "") -> list[tuple[int, int]]:
+    """[(patch, pool factor)] usable for a layer: the requested pixel sizes that are multiples of its
+    :func:`token_px` (all of them dividing the images), or its native patch alone when ``patch_sizes`` is None."""
+    (hh, ww) = image_hw
+    native = token_px(grid, image_hw, layer)
     if patch_sizes is None:
         return [(native, 1)]
     for p in patch_sizes:
@@ -138,12 +161,39 @@ def step_times(reader: RecordReader, steps: list[int]) -> dict[int, float]:
 
 
 def layer_grids(reader: RecordReader) -> dict[str, tuple[int, int]]:
+    """Layer -> its recorded (h, w) token grid (self-attention ``received`` records; never a square guess)."""
     ix = reader.index[(reader.index.layer != "") & (reader.index.reduction == "received") & ~reader.index.cross]
     return {ly: (int(g.grid_h.iloc[0]), int(g.grid_w.iloc[0])) for ly, g in ix.groupby("layer")}
 
 
-def study_timesteps(records: RecordArrays, psis: list[float], run: str, model: str) -> pd.DataFrame:
-    """Table attention_timesteps over every layer and recorded step."""
+def check_mapping(reader: RecordReader, images: np.ndarray, settings: Settings,
+                  studies: tuple[str, ...] | list[str] = ("frequency",)) -> dict[str, int]:
+    """Layer -> :func:`token_px` on ``images`` (n, C, H, W), checked before any study, each failure in one line: a
+    grid that does not tile the images, a requested patch size no layer can use, and (Exp. B on x0) x0 records
+    that are not images of the same shape (a latent model's x0 is a latent; module docstring)."""
+    image_hw = tuple(images.shape[-2:])
+    px = {layer: token_px(grid, image_hw, layer) for layer, grid in layer_grids(reader).items()}
+    if settings.patch_sizes is not None and ("frequency" in studies or "correlation" in studies):
+        if unused := [p for p in settings.patch_sizes if not any(p % t == 0 for t in px.values())]:
+            raise SagConfigError(f"analysis.patch_sizes {unused} (pixels of the {image_hw[0]}x{image_hw[1]} decoded "
+                                 f"images) are multiples of no layer's token size (the {len(px)} layers' token_px: "
+                                 f"{sorted(set(px.values()))}); accepted: multiples of a layer's token_px, or null "
+                                 "(each layer's own)")
+    x0 = reader.index[(reader.index.layer == "") & (reader.index.reduction == "x0")]
+    if "frequency" in studies and "x0" in settings.sources and len(x0):
+        row = x0.iloc[0]
+        shape = reader.get("", "x0", int(row.step), [int(row.seed)]).shape[1:]
+        if tuple(shape) != tuple(images.shape[1:]):
+            raise SagConfigError(f"{reader.root}: the x0 records are model-space {'x'.join(map(str, shape))} (latents "
+                                 f"of a latent model), not {'x'.join(map(str, images.shape[1:]))} decoded images; "
+                                 "accepted: analysis.sources=[final]")
+    return px
+
+
+def study_timesteps(records: RecordArrays, psis: list[float], run: str, model: str,
+                    image_hw: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Table attention_timesteps over every layer and recorded step; with ``image_hw`` (the decoded images' (H, W))
+    also column ``token_px`` (:func:`token_px`)."""
     reader, seeds = records.reader, records.seeds
     steps = reader.steps
     ts = step_times(reader, steps)
@@ -154,8 +204,10 @@ def study_timesteps(records: RecordArrays, psis: list[float], run: str, model: s
         ent = records.steps(layer, "row_entropy", steps) if layer in have_entropy else None
         df = measure_timesteps(rec, ent, psis)
         step = np.asarray(steps)[df.step_index]
+        px = {} if image_hw is None else {"token_px": token_px((h, w), image_hw, layer)}
         parts.add(df.assign(step=step, t=np.asarray([ts[s] for s in steps])[df.step_index],
-                            seed=np.asarray(seeds)[df.image]), run=run, model=model, layer=layer, grid=f"{h}x{w}")
+                            seed=np.asarray(seeds)[df.image]), run=run, model=model, layer=layer, grid=f"{h}x{w}",
+                  **px)
     out = parts.frame().drop(columns=["step_index", "image"])
     return validate(out, "attention_timesteps")
 
@@ -178,14 +230,15 @@ def study_frequency(records: RecordArrays, images: np.ndarray, settings: Setting
         x0_spectra: dict[int, np.ndarray] = {}
         for layer, grid in grids.items():
             received = records.get(layer, "received", step)
-            for patch, factor in layer_patches(grid, images.shape[-2:], settings.patch_sizes):
+            for patch, factor in layer_patches(grid, images.shape[-2:], settings.patch_sizes, layer):
                 rec = pool_received(received, factor)
                 for source in settings.sources:
                     cache, arr = (final_spectra, images) if source == "final" else (x0_spectra, x0)
                     if patch not in cache:  # one stacked FFT per image set and patch size
                         cache[patch] = patch_spectra(arr, rec.shape[-2:])
                     prof, surf = analyse_frequency(cache[patch], rec, settings.psis)
-                    keys = dict(run=run, model=model, layer=layer, patch=patch, source=source, step=step, t=ts[step])
+                    keys = dict(run=run, model=model, layer=layer, patch=patch, source=source, step=step, t=ts[step],
+                                token_px=patch // factor)
                     prof_parts.add(prof.assign(seed=seeds[prof.image]), **keys)
                     surf_parts.add(surf, **keys)
     if not prof_parts.frames:
@@ -206,11 +259,11 @@ def study_correlation(records: RecordArrays, targets: dict[str, np.ndarray], mod
     for step in tqdm(steps, desc=f"Exp. C {mode} (steps)", file=sys.stderr, disable=_quiet(settings)):
         for layer, grid in layer_grids(reader).items():
             received = records.get(layer, "received", step)
-            for patch, factor in layer_patches(grid, image_hw, settings.patch_sizes):
+            for patch, factor in layer_patches(grid, image_hw, settings.patch_sizes, layer):
                 df = correlate(pool_received(received, factor), targets, settings.psis, draws=settings.random_draws,
                                seed=settings.seed, min_fraction=settings.min_fraction)
                 parts.add(df.assign(seed=seeds[df.image]), run=run, model=model, layer=layer, patch=patch, mode=mode,
-                          step=step, t=ts[step])
+                          step=step, t=ts[step], token_px=patch // factor)
     out = parts.frame().drop(columns="image")
     return validate(out, "object_correlation")
 
