@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from experiments.cli import entry_point
 from experiments.common import run_inputs
 
-SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every", "family", "family_options")
+SETTINGS_KEYS = ("kinds", "scale", "cfg_scale", "windows", "every", "family", "family_options", "cg_scale")
 
 
 @entry_point("frontier")

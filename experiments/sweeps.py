@@ -14,21 +14,24 @@ from analysis.schemas import validate
 from analysis.tables import format_differences, format_metric_table, write_table
 from experiments.common import build_model, build_scheduler, conditions, plain, run_inputs, select, user_errors
 from sag import sweep
+from sag.evaluators.features import resolve_features
 
 
 def prepare_sweep(cfg: DictConfig) -> sweep.Sweep:
     """Validated inputs, model, scheduler, labels, evaluator and reference features (before any sampling)."""
     run = run_inputs(cfg)
     metrics = sweep.MetricOptions(**select(cfg.metrics, "k", "draws", "draws_fd", "seed", "alpha"))
-    sweep.check_inputs(run, metrics, cfg.seeds, cfg.get("inception_weights"))
+    inputs = {k: cfg.get(k) for k in ("reference", "inception_weights", "backbone")}
+    sweep.check_inputs(run, metrics, cfg.seeds, **inputs)
     model = build_model(cfg)
+    features = plain(cfg.get("features", "auto"))
+    resolve_features(features, model, **inputs)  # a model of no domain without reference=: refused here
     scheduler = build_scheduler(cfg, model)
-    sweep.check_images(model, run.size)
     cond = conditions(cfg, model, run)
     labels = cond if model.conditioning == "class" else None  # scored by class accuracy
-    scorer = sweep.Scorer.load(evaluator=cfg.get("evaluator"), reference_seed=cfg.reference_seed, metrics=metrics,
-                               reference_count=cfg.reference_count or len(run.seeds), labels=labels,
-                               inception_weights=cfg.get("inception_weights"))
+    scorer = sweep.Scorer.load(model, labels=labels, metrics=metrics, n_images=len(run.seeds), size=run.size,
+                               features=features, reference_seed=cfg.reference_seed,
+                               reference_count=cfg.reference_count, evaluator=cfg.get("evaluator"), **inputs)
     return sweep.Sweep(run, model, scheduler, cond, scorer)
 
 
@@ -41,12 +44,15 @@ def run_sweep(cfg: DictConfig, make_settings, keys: tuple[str, ...], table: str,
         settings = make_settings(**select(cfg, *keys), conditional=prep.model.conditioning == "class")
         print(f"{what}: {len(settings)} settings x {len(prep.run.seeds)} paired seeds on {prep.model.name} "
               f"({prep.run.steps} steps) -> {out}")
+        spaces = ", ".join(f"{s.label} ({s.source})" for s in prep.scorer.spaces)
+        print(f"features: {spaces}; reference: {prep.scorer.reference.source} ({prep.scorer.reference.count} images)")
         fns = sweep.build_settings(prep.model, settings, prep.run.size, sag=plain(cfg.sag),
                                    family=plain(cfg.family_options), classifier_dir=cfg.get("classifier"))
         df = sweep.evaluate_settings(prep, out, settings, fns, progress=cfg.progress)
         path = write_table(validate(df, table), out, table)
     if cfg.get("inception_weights") is None:
-        print("inception_weights=null: standard Inception FID/IS skipped (point it to a local weights file)")
+        print("inception_weights=null: standard Inception FID/IS skipped (features=inception with a local TorchScript "
+              "inception-2015-12-05.pt adds fid, sfid, is)")
     keys = ["guidance", "window", "scale", "calls_per_image"]
     print(format_metric_table(df, keys))
     print("\npaired delta vs unguided (same seeds, same bootstrap draws):")

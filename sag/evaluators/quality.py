@@ -12,8 +12,8 @@
 * IS-style score: exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016, Sec. 4) from the domain classifier's
   softmax over the whole set (no splits). 1 for a constant prediction; C for confident predictions spread
   evenly over C classes.
-* Standard Inception FID / IS only from a local Inception weights file (:func:`inception_metrics`); nothing is
-  ever downloaded.
+* Standard Inception FID, sFID and IS only from a local TorchScript weights file (:mod:`sag.evaluators.inception`,
+  :func:`inception_metrics`; in the tables through :mod:`sag.evaluators.features`); nothing is ever downloaded.
 
 Bootstrap (:func:`percentile_interval`): generated images are resampled with replacement by a seeded rng (the same
 index draws for every metric and every guidance setting, so comparisons stay paired); FD, precision and recall
@@ -30,16 +30,14 @@ that both settings share. :func:`bootstrap_quality` returns the per-draw values 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
-from sag.errors import SagConfigError
+from sag.evaluators.inception import IS_SPLIT, InceptionV3, check_inception_weights
 from sag.evaluators.metrics import fd_metric
 
 METRICS = ("fd", "precision", "recall", "class_accuracy", "is_score")
@@ -94,14 +92,20 @@ def precision_recall(feats_real, feats_fake, k: int = 3, batch: int = 1024) -> t
     return float(fake_in_real.double().mean()), float(real_in_fake.any(1).double().mean())
 
 
-def is_score(probs) -> float:
-    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction of the set (Salimans et al. 2016, no splits)."""
+def is_score(probs, split: int | None = None) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction of the set (Salimans et al. 2016). ``split``: the mean
+    of the score over consecutive chunks of ``split`` rows (guided-diffusion's split_size, 5000 for Inception IS;
+    the last chunk may be shorter); None = one split, the whole set."""
     p = _f64(probs)
     if p.ndim != 2 or len(p) == 0:
         raise ValueError(f"probs {tuple(p.shape)}; accepted: (n, classes)")
-    py = p.mean(0, keepdim=True)
-    kl = (torch.xlogy(p, p) - torch.xlogy(p, py.expand_as(p))).sum(1)
-    return float(torch.exp(kl.mean()))
+    parts = [p] if split is None else list(torch.split(p, int(split)))
+    scores = []
+    for part in parts:
+        py = part.mean(0, keepdim=True)
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, py.expand_as(part))).sum(1)
+        scores.append(float(torch.exp(kl.mean())))
+    return float(np.mean(scores))
 
 
 def class_accuracy(logits, labels) -> float:
@@ -145,13 +149,63 @@ def quality_metrics(real_feats, fake_feats, fake_logits=None, labels=None, *, k:
                              seed=seed, alpha=alpha, batch=batch)[0]
 
 
+# Above this many feature dimensions, with fewer generated images than dimensions, FD goes through
+# :class:`LowRankFD` (exact, n x n): one dense 2048-d eigendecomposition of torchmetrics' route took 114 s on this
+# 2-core CPU (measured 2026-11-30), per bootstrap draw. The 128-d classifier features always take torchmetrics' route.
+FD_DENSE_MAX = 512
+
+
+class LowRankFD:
+    """FD between the reference features ``real`` (n_r, d) and resamples of the generated ``fake`` (n, d), exact,
+    through n x n matrices (for n < d). Same definition as :func:`sag.evaluators.metrics.frechet_distance`
+    (unbiased covariances, Heusel et al. 2017 Eq. 6): with A the centred generated rows, S_f = A^T A / (n - 1),
+    and the nonzero eigenvalues of S_f S_r are those of the symmetric PSD M = A S_r A^T / (n - 1), so
+    Tr (S_f S_r)^(1/2) = sum sqrt(eig(M)) (eigvalsh: no complex round-off). ``X S_r`` and ``X S_r X^T`` are formed
+    once; a resample then costs O(n^2 + n d)."""
+
+    def __init__(self, real: Tensor, fake: Tensor):
+        self.mu_r, self.cov_r = real.mean(0), torch.cov(real.T)
+        self.x = fake
+        self.g = fake @ self.cov_r  # (n, d): X S_r
+        self.h = self.g @ fake.T  # (n, n): X S_r X^T
+
+    def __call__(self, idx=None) -> float:
+        """FD of the rows ``idx`` of the generated set (None: all of them, once each)."""
+        idx = torch.arange(len(self.x)) if idx is None else torch.as_tensor(idx)
+        x, g, n = self.x[idx], self.g[idx], len(idx)
+        mu = x.mean(0)
+        gm = g @ mu  # X_i S_r mu
+        m = (self.h[idx][:, idx] - gm[:, None] - gm[None, :] + g.mean(0) @ mu) / (n - 1)
+        tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+        tr_f = (x - mu).square().sum() / (n - 1)
+        return float((mu - self.mu_r).square().sum() + self.cov_r.trace() + tr_f - 2 * tr_sqrt)
+
+
+def _fd_draws(real: Tensor, fake: Tensor, idx: np.ndarray, draws_fd: int) -> tuple[float, list[float]]:
+    """FD of the full generated set against ``real`` and of its first ``draws_fd`` resamples ``idx[b]``
+    (:class:`LowRankFD` above :data:`FD_DENSE_MAX` dimensions when there are fewer images than dimensions)."""
+    if real.shape[1] > FD_DENSE_MAX and len(fake) < real.shape[1]:
+        low = LowRankFD(real, fake)
+        return low(), [low(idx[b]) for b in range(draws_fd)]
+    fd = fd_metric(real.shape[1])
+    fd.update(real, real=True)
+    fd.update(fake, real=False)
+    value, boots = float(fd.compute()), []
+    for b in range(draws_fd):
+        fd.reset()
+        fd.update(fake[idx[b]], real=False)
+        boots.append(float(fd.compute()))
+    return value, boots
+
+
 def bootstrap_quality(real_feats, fake_feats, fake_logits=None, labels=None, *, k: int = 3, draws: int = 200,
-                      draws_fd: int = 100, seed: int = 0, alpha: float = 0.05,
-                      batch: int = 1024) -> tuple[list[dict], dict[str, np.ndarray]]:
+                      draws_fd: int = 100, seed: int = 0, alpha: float = 0.05, batch: int = 1024, knn: bool = True,
+                      is_split: int | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
     """(rows of :func:`quality_metrics`, ``{metric: per-draw values}``). Value ``b`` of every metric is computed on
     the generated images ``bootstrap_indices(n, max(draws, draws_fd), seed)[b]`` against the fixed reference set,
     so two image sets of the same size, bootstrap seed and draw counts are resampled identically (same seeds:
-    paired) and :func:`paired_delta` can difference them draw by draw."""
+    paired) and :func:`paired_delta` can difference them draw by draw. ``knn=False`` leaves out precision and
+    recall (FD-only features, e.g. sFID's); ``is_split``: :func:`is_score`'s split (None = the whole set)."""
     real, fake = _f64(real_feats), _f64(fake_feats)
     n = len(fake)
     idx = bootstrap_indices(n, max(draws, draws_fd), seed)
@@ -165,28 +219,19 @@ def bootstrap_quality(real_feats, fake_feats, fake_logits=None, labels=None, *, 
                      "boot_bias": float(boots.mean() - value) if len(boots) else math.nan})
         draws_of[metric] = boots
 
-    fd = fd_metric(real.shape[1])
-    fd.update(real, real=True)
-    fd.update(fake, real=False)
-    value = float(fd.compute())
-    boots = []
-    for b in range(draws_fd):
-        fd.reset()
-        fd.update(fake[idx[b]], real=False)
-        boots.append(float(fd.compute()))
-    add("fd", value, boots)
-
-    fake_in_real, real_in_fake = _pr_tables(real, fake, k, batch)
+    add("fd", *_fd_draws(real, fake, idx, draws_fd))
     sel = torch.as_tensor(idx[:draws])
-    add("precision", fake_in_real.double().mean(), fake_in_real[sel].double().mean(1).numpy(), high=1.0)
-    # recall of resample b: a real point is covered if any drawn image's ball holds it (one matmul for all b)
-    drawn = torch.zeros(len(sel), n, dtype=torch.float32).scatter_(1, sel, 1.0)
-    recall = ((drawn @ real_in_fake.T.float()) > 0).double().mean(1).numpy()
-    add("recall", real_in_fake.any(1).double().mean(), recall, high=1.0)
+    if knn:
+        fake_in_real, real_in_fake = _pr_tables(real, fake, k, batch)
+        add("precision", fake_in_real.double().mean(), fake_in_real[sel].double().mean(1).numpy(), high=1.0)
+        # recall of resample b: a real point is covered if any drawn image's ball holds it (one matmul for all b)
+        drawn = torch.zeros(len(sel), n, dtype=torch.float32).scatter_(1, sel, 1.0)
+        recall = ((drawn @ real_in_fake.T.float()) > 0).double().mean(1).numpy()
+        add("recall", real_in_fake.any(1).double().mean(), recall, high=1.0)
     if fake_logits is not None:
         logits = _f64(fake_logits)
         probs = torch.softmax(logits, 1)
-        add("is_score", is_score(probs), [is_score(probs[s]) for s in sel], 1.0, probs.shape[1])
+        add("is_score", is_score(probs, is_split), [is_score(probs[s], is_split) for s in sel], 1.0, probs.shape[1])
         if labels is not None:
             correct = (logits.argmax(1) == torch.as_tensor(np.asarray(labels)).long()).double()
             add("class_accuracy", correct.mean(), correct[sel].mean(1).numpy(), high=1.0)
@@ -242,41 +287,15 @@ def extract(classifier: nn.Module, images: Tensor, batch: int = 256) -> tuple[Te
     return torch.cat(feats).cpu(), torch.cat(logits).cpu()
 
 
-def check_inception_weights(weights: str | Path | None) -> Path | None:
-    """The local Inception weights file, or None to skip; a clear error for a missing file or package."""
-    if weights is None:
-        return None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise SagConfigError(f"inception_weights={weights}: no such file; accepted: a local Inception-v3 weights "
-                             "file (pt_inception-2015-12-05) or null to skip Inception FID/IS")
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise SagConfigError("inception_weights needs the torch-fidelity package (pip install torch-fidelity); "
-                             "set inception_weights=null to skip Inception FID/IS")
-    return path
-
-
 def inception_metrics(weights: str | Path | None, real_images: Tensor, fake_images: Tensor) -> dict[str, float]:
-    """Standard Inception FID and IS (torchmetrics over torch-fidelity's Inception-v3) from a LOCAL weights file.
+    """Standard Inception ``fid``, ``sfid`` and ``is`` (guided-diffusion's definitions, no bootstrap) of images in
+    [-1, 1] (n, 3, H, W), from a LOCAL TorchScript weights file (:class:`sag.evaluators.inception.InceptionV3`).
 
-    ``weights=None`` returns ``{}`` (skipped: nothing is downloaded). Images in [-1, 1], (n, 3, H, W).
-    """
-    path = check_inception_weights(weights)
-    if path is None:
+    ``weights=None`` returns ``{}`` (skipped: nothing is downloaded). The quality tables get these, with precision /
+    recall and bootstrap intervals, from ``features=inception`` (:mod:`sag.evaluators.features`)."""
+    if check_inception_weights(weights) is None:
         return {}
-    from torchmetrics.image.fid import NoTrainInceptionV3
-    from torchmetrics.image.inception import InceptionScore
-
-    def uint8(x: Tensor) -> Tensor:
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path))
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                             feature_extractor_weights_path=str(path))
-    inception = InceptionScore(feature=net, splits=1)
-    for i in range(0, len(real_images), 100):
-        fid.update(uint8(real_images[i : i + 100]), real=True)
-    for i in range(0, len(fake_images), 100):
-        fid.update(uint8(fake_images[i : i + 100]), real=False)
-        inception.update(uint8(fake_images[i : i + 100]))
-    return {"inception_fid": float(fid.compute()), "inception_is": float(inception.compute()[0])}
+    net = InceptionV3(weights)
+    (real_pool, real_spatial, _), (pool, spatial, probs) = net(real_images), net(fake_images)
+    fid, sfid = (_fd_draws(r, f, np.empty((0, 0), int), 0)[0] for r, f in ((real_pool, pool), (real_spatial, spatial)))
+    return {"fid": fid, "sfid": sfid, "is": is_score(probs, IS_SPLIT)}
