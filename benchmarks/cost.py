@@ -8,7 +8,9 @@ Presets (random weights unless named): ``tiny_pixel_cond`` (0.28M), ``embedded``
 output_blocks[8] as the official README), ``sd15`` (diffusers' default UNet2DConditionModel = SD-1.5,
 860M, 4x64x64 latents, text embeddings 77x768, SAG on the mid-block attn1 as diffusers' pipeline), ``sdxl`` (the
 SDXL base UNet, 2.6B, 4x128x128 latents with ``--latent 128``, pooled embedding and time ids as added conditioning,
-SAG on the first mid-block attn1: ``benchmarks.presets``; not measured yet, see BENCHMARKS.md). The SAG
+SAG on the first mid-block attn1), ``sd3`` (SD3 medium MMDiT, 2.03B) and ``flux`` (FLUX.1-dev, 11.9B), flow matching
+on ``flow_euler``, 16x128x128 latents with ``--latent 128`` (``benchmarks.presets``; sdxl, sd3, flux not measured
+yet, see BENCHMARKS.md; on sd3/flux pass ``--kinds sag,blur,...``: PAG/SEG/SLG refuse or fail there). The SAG
 settings (layers, blur, scales) of a preset are those of its ``conf/model_guidance/<name>.yaml`` (``PRESETS``).
 
 Two benchmarks, each A/B interleaved over ``--repeats`` rounds on the same seeds (medians):
@@ -41,7 +43,7 @@ from sag.schedulers import make_scheduler
 
 # Preset -> its conf/model_guidance/<name>.yaml (SAG layers, blur, scales; read with benchmarks.common).
 PRESETS = {"tiny_pixel_cond": "tiny_pixel_cond", "embedded": "embedded", "adm128": "adm128",
-           "sd15": "stable_diffusion", "sdxl": "sdxl"}
+           "sd15": "stable_diffusion", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 
 def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: int) -> DiffusionModel:
@@ -61,7 +63,7 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, latent: in
         ac = DDPMScheduler.from_config(sched).alphas_cumprod
         model = DiffusionModel("adm128", net, ac, learned_variance=True, conditioning="class", num_classes=1000,
                                sample_size=(128, 128), scheduler_config=sched)
-    elif name in RANDOM_PRESETS:  # sd15, sdxl: random weights at the real UNet sizes
+    elif name in RANDOM_PRESETS:  # sd15, sdxl, sd3, flux: random weights at the real network sizes
         model = build_random_preset(name, device, latent)
     else:
         raise SystemExit(f"unknown preset {name!r}; accepted: {sorted(PRESETS)}")
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--latent", type=int, default=64, help="sd15/sdxl latent size (sdxl: 128 = 1024 px)")
+    ap.add_argument("--latent", type=int, default=64, help="sd15/sdxl/sd3/flux latent size (128 = 1024 px)")
     ap.add_argument("--benchmarks", default="guidance,capture")
     ap.add_argument("--kinds", default=None, help="comma-separated guidance kinds of the guidance benchmark "
                     "(default: sag, blur, pag, seg, slg and, with a null condition, cfg, sag_cfg, apg)")
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build_preset(args.preset, device, dtype, args.latent)
-    rows = []
-    which = args.benchmarks.split(",")
+    rows, which = [], args.benchmarks.split(",")
+    sched = "flow_euler" if model.schedule_family == "flow" else "ddim"  # sd3, flux: their flow-matching Euler
     if "guidance" in which:
         kinds = None if args.kinds is None else args.kinds.split(",")
-        rows += bench_guidance(model, args.preset, device, args.steps, args.batch, args.repeats, kinds=kinds)
+        rows += bench_guidance(model, args.preset, device, args.steps, args.batch, args.repeats, sched, kinds)
     if "capture" in which:
-        rows += bench_capture(model, device, args.steps, args.batch, args.repeats)
+        rows += bench_capture(model, device, args.steps, args.batch, args.repeats, sched)
     grid = f"{args.latent}x{args.latent}" if args.preset in RANDOM_PRESETS else "x".join(map(str, model.sample_size))
     meta = {"model": f"{args.preset} ({grid})", "device": device.type, "dtype": args.dtype, "batch": args.batch,
             "steps": args.steps, "machine": machine(device), "date": dt.date.today().isoformat()}

@@ -12,9 +12,17 @@ import re
 from collections.abc import Iterable
 
 from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 
 from sag.errors import SagConfigError
+
+ATTENTION_MODULES = (Attention, FluxAttention)  # diffusers' attention classes (Flux's is not an Attention subclass)
+
+
+def is_cross(m: nn.Module) -> bool:
+    """Whether an attention module is a cross-attention (FluxAttention has no such flag: joint or self, never cross)."""
+    return bool(getattr(m, "is_cross_attention", False))
 
 
 def attention_layers(net: nn.Module, include_cross: bool = False) -> dict[str, Attention]:
@@ -22,7 +30,7 @@ def attention_layers(net: nn.Module, include_cross: bool = False) -> dict[str, A
     return {
         name: m
         for name, m in net.named_modules()
-        if isinstance(m, Attention) and (include_cross or not m.is_cross_attention)
+        if isinstance(m, ATTENTION_MODULES) and (include_cross or not is_cross(m))
     }
 
 
@@ -41,7 +49,7 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str], include_cross: 
     if not patterns:
         raise SagConfigError("no layer pattern given; accepted: glob or 're:<regex>' patterns, '*' for all")
     everything = attention_layers(net, include_cross=True)  # one walk of the module tree
-    pool = {n: m for n, m in everything.items() if include_cross or not m.is_cross_attention}
+    pool = {n: m for n, m in everything.items() if include_cross or not is_cross(m)}
     chosen: list[str] = []
     for p in patterns:
         if p.startswith("re:"):

@@ -19,6 +19,12 @@ outputs are bit-identical to uncaptured ones; the map comes from :class:`sag.cap
 recording path run on the image queries and keys only (its own output for that block is discarded: one extra
 image-only attention per captured call). The token grid is the latent's (H / p, W / p) for patch size p, read by
 the capture's grid tracker from the transformer's 4-D input. ``map_heads`` regroups the image-token projections.
+
+Flux (:class:`FluxRecordingProcessor`, on ``FluxAttnProcessor`` layers): the same map, with the layer's RoPE applied
+to the image queries and keys as the processor applies it. Joint (double-stream) blocks get the image tokens as
+``hidden_states``; single-stream blocks get ONE sequence [text tokens, image tokens] (``FluxSingleTransformerBlock``
+concatenates text first), whose last (H/2)(W/2) tokens are the image (H, W: the latent the model call saw, 2x2
+packing). The layer output is the original processor's, untouched.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import Tensor
 
-JOINT_PROCESSORS = (JointAttnProcessor2_0,)  # the diffusers processors this module reproduces
+JOINT_PROCESSORS = (JointAttnProcessor2_0, FluxAttnProcessor)  # the diffusers processors recorded here
+FLUX_PACKING = 2  # FluxPipeline._pack_latents: one token per 2x2 latent patch
 
 
 class JointRecordingProcessor:
@@ -109,12 +118,50 @@ class JointRecordingProcessor:
         return hidden_states
 
 
+class FluxRecordingProcessor(JointRecordingProcessor):
+    """``original`` (a ``FluxAttnProcessor``) computes the layer output; the image-query x image-key block (RoPE
+    applied, rows renormalised over image keys: module docstring) goes to the sinks of ``recorder``."""
+
+    def __init__(self, recorder: Any, original: Any):
+        super().__init__(recorder)
+        self.original = original
+
+    def _image_tokens(self, total: int) -> int:
+        """Image tokens of a single-stream layer's ``total``: (H/2)(W/2) of the nearest enclosing 4-D input."""
+        tracker = self.recorder.tracker
+        for anc in tracker.ancestors[self.recorder.name]:
+            hh, ww = tracker.hw.get(anc, (0, 0))
+            n = (hh // FLUX_PACKING) * (ww // FLUX_PACKING)
+            if 0 < n < total:
+                return n
+        raise RuntimeError(f"cannot find the image tokens of Flux layer {self.recorder.name!r}: no enclosing module "
+                           "saw a (B, C, H, W) latent (capture sag.models.flux.FluxNet, not the bare transformer)")
+
+    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        n = hidden_states.shape[1]
+        n_img = n if encoder_hidden_states is not None else self._image_tokens(n)
+        qkv = _get_qkv_projections(attn, hidden_states[:, n - n_img:])[:3]  # image tokens: the last n_img
+        q, k, v = (z.unflatten(-1, (-1, attn.head_dim)) for z in qkv)  # (b, N_img, heads, d)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:  # RoPE over ids [text; image]: the image rows are the last n_img
+            rope = tuple(f[-n_img:] for f in image_rotary_emb)
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+        self.record(*(z.transpose(1, 2) for z in (q, k, v)), tuple(qkv))
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
 def recording_processor(original: Any, recorder: Any) -> Any:
     """The processor :func:`sag.capture.capture_attention` installs on a layer whose processor is ``original``:
-    ``recorder`` itself for a plain self-attention, wrapped in :class:`JointRecordingProcessor` for a joint one."""
+    ``recorder`` itself for a plain self-attention, wrapped in :class:`JointRecordingProcessor` for a joint one
+    (:class:`FluxRecordingProcessor` around the original ``FluxAttnProcessor`` for a Flux layer)."""
+    if isinstance(original, FluxRecordingProcessor):
+        return FluxRecordingProcessor(recorder, original.original)
+    if isinstance(original, FluxAttnProcessor):
+        return FluxRecordingProcessor(recorder, original)
     if isinstance(original, (*JOINT_PROCESSORS, JointRecordingProcessor)):
         return JointRecordingProcessor(recorder)
     return recorder
 
 
-__all__ = ["JOINT_PROCESSORS", "JointRecordingProcessor", "recording_processor"]
+__all__ = ["JOINT_PROCESSORS", "FluxRecordingProcessor", "JointRecordingProcessor", "recording_processor"]

@@ -183,15 +183,18 @@ def flow_shift_mu(scheduler: SchedulerMixin, model: DiffusionModel, size: tuple[
 def set_timesteps(scheduler: SchedulerMixin, steps: int, model: DiffusionModel, device=None,
                   size: tuple[int, int] | None = None) -> None:
     """``scheduler.set_timesteps`` for ``steps`` iterations, on the model's reference timesteps when it has them.
-    A flow scheduler with dynamic shifting gets the pipeline's ``mu`` for a sample of ``size`` (:func:`flow_shift_mu`).
+    A flow scheduler with dynamic shifting gets the pipeline's ``mu`` for a sample of ``size`` (:func:`flow_shift_mu`),
+    and ``model.reference_timesteps(scheduler, steps)`` as its ``sigmas`` where the model has them (Flux's pipeline).
 
     ``model.reference_timesteps(scheduler, steps)`` (ADM: guided-diffusion's respacing) is passed as custom
     timesteps where ``set_timesteps`` takes them (DDPM); otherwise the scheduler's own spacing is used and a
     warning names the difference when it does not reproduce them (DDIM: stride T // N).
     """
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        mu = flow_shift_mu(scheduler, model, size)
-        scheduler.set_timesteps(steps, device=device, **({} if mu is None else {"mu": mu}))
+        mu, ref = flow_shift_mu(scheduler, model, size), model.reference_timesteps
+        sigmas = None if ref is None else ref(scheduler, steps)  # flow: the reference sigmas (sag.models.flux)
+        scheduler.set_timesteps(steps, device=device, **({} if mu is None else {"mu": mu}),
+                                **({} if sigmas is None else {"sigmas": sigmas}))
         return
     wanted = model.reference_timesteps(scheduler, steps) if model.reference_timesteps is not None else None
     if wanted is not None and "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:

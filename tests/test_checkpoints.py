@@ -250,13 +250,13 @@ def test_dit_sampling_matches_diffusers(dit, dit_dir, tmp_path):
 # --- bad inputs -----------------------------------------------------------------------------------------------
 def test_unknown_pipeline_names_model_index(tmp_path):
     (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     (tmp_path / "model_index.json").write_text(json.dumps(
-        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    with pytest.raises(SagConfigError, match=r"model_index.json: pipeline 'FluxPipeline' is not supported"):
+        {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    with pytest.raises(SagConfigError, match=r"model_index.json: pipeline 'PixArtAlphaPipeline' is not supported"):
         load_model("diffusers_dir", path=str(tmp_path))
     edit_json(tmp_path / "model_index.json", _class_name=None)  # no pipeline name: the component class decides
-    with pytest.raises(SagConfigError, match=r"config.json: _class_name 'FluxTransformer2DModel' is not one of"):
+    with pytest.raises(SagConfigError, match=r"config.json: _class_name 'PixArtTransformer2DModel' is not one of"):
         load_model("diffusers_dir", path=str(tmp_path))
 
 

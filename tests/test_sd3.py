@@ -140,3 +140,31 @@ def test_bad_input_is_refused(sd3, tiny_pixel):
         sample(model, make_scheduler(model, "flow_euler"), steps=1, seeds=[0], size=(15, 16), progress=False)
     with pytest.raises(SagConfigError, match="holds an SD3 flow model; accepted: null"):
         load_model("diffusers_dir", path=str(path), prediction_type="epsilon")
+
+
+def test_slg_skips_a_whole_block(sd3):
+    """SLG on a whole JointTransformerBlock (returns (encoder_hidden_states, hidden_states)): the skipped pass = the
+    transformer's own ``skip_layers=[0]`` (SD3's pipeline's SLG) bit for bit; scale 0 is the unguided sample and SLG
+    changes it."""
+    from sag.guidance.perturb import skip_layers
+
+    model = sd3[2]
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond, t = model.encode_prompt(PROMPTS), torch.tensor([700.0, 700.0])
+    seen = {}
+    hook = model.net.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kwargs=kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            plain = model(x, t, cond)
+            with skip_layers(model.net, ["transformer_blocks.0"]):
+                skipped = model(x, t, cond)
+            by_hand = model.net(*seen["args"], **seen["kwargs"], skip_layers=[0])
+    finally:
+        hook.remove()
+    by_hand = by_hand[0] if isinstance(by_hand, tuple) else by_hand.sample
+    assert torch.equal(skipped, by_hand)  # the same operations in the same order: bit-identical
+    assert (skipped - plain).abs().max() > 1e-3  # the block does something (random net: O(0.1))
+    _, none = our_run(model, "none", (16, 16))
+    _, off = our_run(model, "slg", (16, 16), slg_layers="transformer_blocks.0", slg_scale=0.0)
+    _, slg = our_run(model, "slg", (16, 16), slg_layers="transformer_blocks.0", slg_scale=2.8)
+    assert torch.equal(off, none) and torch.isfinite(slg).all() and (slg - none).abs().max() > 1e-2

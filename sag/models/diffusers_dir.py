@@ -7,8 +7,8 @@ Supported layouts:
 * a Stable Diffusion 1.x/2.x pipeline (``unet/`` UNet2DConditionModel, ``vae/``, ``text_encoder/`` CLIPTextModel,
   ``tokenizer/`` CLIPTokenizer, ``scheduler/``): prompts are embedded as ``StableDiffusionPipeline.encode_prompt``
   does (``model.encode_prompt``), the unconditional input is the empty (or ``negative_prompt``) embedding;
-* Stable Diffusion XL / 3 pipelines (``StableDiffusionXLPipeline``; ``StableDiffusion3Pipeline``, flow matching):
-  :mod:`sag.models.sdxl` and :mod:`sag.models.sd3`, which register the ``sdxl`` and ``sd3`` families;
+* Stable Diffusion XL / 3 and Flux pipelines (``StableDiffusionXLPipeline``; ``StableDiffusion3Pipeline`` and
+  ``FluxPipeline``, flow matching): :mod:`sag.models.sdxl`, :mod:`.sd3`, :mod:`.flux` register those families;
 * a DiT pipeline (``transformer/`` DiTTransformer2DModel, or the legacy Transformer2DModel with
   ``norm_type="ada_norm_zero"``, ``vae/``, ``scheduler/``): class-conditional with learned sigma; label
   ``num_embeds_ada_norm`` (1000 for ImageNet) is the null class used for classifier-free guidance;
@@ -35,8 +35,9 @@ from sag.models.base import DiffusionModel
 LAYOUT = (
     "a local diffusers directory: a pipeline (model_index.json: DDPMPipeline/DDIMPipeline with unet/, "
     "StableDiffusionPipeline with unet/ vae/ text_encoder/ tokenizer/, StableDiffusionXLPipeline with also "
-    "text_encoder_2/ tokenizer_2/, StableDiffusion3Pipeline (+ _3 parts), DiTPipeline with transformer/ vae/; "
-    "plus scheduler/) or a bare UNet2DModel/UNet2DConditionModel/DiTTransformer2DModel folder (config.json + weights)"
+    "text_encoder_2/ tokenizer_2/, StableDiffusion3Pipeline (+ _3 parts), FluxPipeline (CLIP + T5), DiTPipeline "
+    "with transformer/ vae/; plus scheduler/) or a bare UNet2DModel/UNet2DConditionModel/DiTTransformer2DModel "
+    "folder (config.json + weights)"
 )
 # config.json ``_class_name`` of the denoiser -> its family (see :func:`_family`)
 FAMILIES = {
@@ -45,18 +46,14 @@ FAMILIES = {
     "DiTTransformer2DModel": "dit",  # DiT: class labels, learned sigma
     "Transformer2DModel": "dit",  # legacy DiT class, only with norm_type ada_norm_zero
     "SD3Transformer2DModel": "sd3",  # SD3: flow matching, joint attention (fields: sag.models.sd3, registered)
+    "FluxTransformer2DModel": "flux",  # Flux: flow matching, packed latents (fields: sag.models.flux, registered)
 }
 NET_CLASSES = tuple(FAMILIES)
+FLOW_FAMILIES = {"sd3": "an SD3", "flux": "a Flux"}  # families on the flow schedule (velocity prediction, no betas)
 # model_index.json ``_class_name`` -> the denoiser component
-PIPELINES = {
-    "DDPMPipeline": "unet",
-    "DDIMPipeline": "unet",
-    "StableDiffusionPipeline": "unet",
-    "StableDiffusionSAGPipeline": "unet",
-    "StableDiffusionXLPipeline": "unet",
-    "DiTPipeline": "transformer",
-    "StableDiffusion3Pipeline": "transformer",
-}
+PIPELINES = {**dict.fromkeys(("DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline", "StableDiffusionSAGPipeline",
+                              "StableDiffusionXLPipeline"), "unet"),
+             **dict.fromkeys(("DiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline"), "transformer")}
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
 TEXT_ENCODERS = ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -356,6 +353,7 @@ def load_diffusers_dir(
     clip_denoised: bool | None = None,
     dtype: str = "float32",
     negative_prompt: str | None = None,
+    flux_guidance: float | None = None,
 ) -> DiffusionModel:
     """Denoiser + training schedule (+ VAE, + text encoder) from a local directory.
 
@@ -365,35 +363,37 @@ def load_diffusers_dir(
     timestep_spacing, steps_offset, clip_sample, variance_type, ...) and options passed to it still win. Pixel x0
     estimates are clipped (``clip_denoised``) when the folder's scheduler clips them (``clip_sample``, default on).
     For text models, ``negative_prompt`` replaces the empty prompt as the unconditional input (diffusers'
-    ``negative_prompt``).
+    ``negative_prompt``). ``flux_guidance``: FLUX.1-dev's distilled guidance input (:mod:`sag.models.flux`).
     """
     root = Path(path).expanduser()
     parts = _locate(root)
     cfg = _read_json(parts["net"] / "config.json")
     family, cls_name = _family(parts["net"], cfg)
-    if negative_prompt is not None and family not in ("text", "sdxl", "sd3"):
+    if negative_prompt is not None and family not in ("text", "sdxl", "sd3", "flux"):
         raise SagConfigError(f"negative_prompt={negative_prompt!r} but {root} holds a {cls_name}, not a text model")
-    if prediction_type is not None and family == "sd3":  # a flow model's prediction is its velocity, always
-        raise SagConfigError(f"prediction_type={prediction_type!r}: {root} holds an SD3 flow model; accepted: null")
+    if prediction_type is not None and family in FLOW_FAMILIES:  # a flow model's prediction is its velocity, always
+        raise SagConfigError(f"prediction_type={prediction_type!r}: {root} holds {FLOW_FAMILIES[family]} flow model; "
+                             "accepted: null")
+    if flux_guidance is not None and family != "flux":
+        raise SagConfigError(f"flux_guidance={flux_guidance!r} but {root} holds a {cls_name}, not a Flux transformer")
     torch_dtype = _torch_dtype(dtype)
     net = _load_diffusers_model(cls_name, parts["net"], torch_dtype)
     sched_cfg = _scheduler_config(parts["scheduler"])
     vae, latent_scale = _load_vae(root, parts, torch_dtype)
     clip_x0 = vae is None and bool(sched_cfg.get("clip_sample", True))  # latents are never clipped
-    fields = {"clip_denoised": clip_x0, **_FAMILY_FIELDS[family](root, parts, cfg, net, torch_dtype, negative_prompt)}
+    extra = {"flux_guidance": flux_guidance} if family == "flux" else {}
+    fields = {"clip_denoised": clip_x0, **_FAMILY_FIELDS[family](root, parts, cfg, net, torch_dtype, negative_prompt,
+                                                                 **extra)}
     pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
     in_ch = int(cfg.get("in_channels", 3))
     out_ch = int(cfg.get("out_channels") or in_ch)
     size = cfg.get("sample_size", 32)
-    return DiffusionModel(**{**dict(  # a family's fields win (sd3: flow schedule, prediction type, scheduler config)
+    return DiffusionModel(**{**dict(  # a family's fields win (sd3, flux: flow schedule, prediction type, net, ...)
         name=root.name, net=net,
-        alphas_cumprod=_alphas_cumprod(sched_cfg) if family != "sd3" else None,
-        prediction_type=pred,
+        alphas_cumprod=_alphas_cumprod(sched_cfg) if family not in FLOW_FAMILIES else None,
+        prediction_type=pred, decoder=vae, latent_scale=latent_scale, in_channels=in_ch,
         learned_variance=out_ch == 2 * in_ch or sched_cfg.get("variance_type") in ("learned", "learned_range"),
-        decoder=vae,
-        latent_scale=latent_scale,
         sample_size=tuple(size) if isinstance(size, list | tuple) else (int(size), int(size)),
-        in_channels=in_ch,
         scheduler_config=dict(sched_cfg, prediction_type=pred),
         source=str(root.resolve()), domain=declared_domain(str(root), parts["index"], cfg),  # sag.domains
     ), **fields, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})})  # the user's clip wins

@@ -8,8 +8,10 @@ sampler run on identical components (tests/test_sd3.py):
   (inner 32), ``joint_attention_dim`` 48 (the T5 width; CLIP's 16 + 16 = 32 is zero-padded to it, as the pipeline
   pads 768 + 1280 to 4096), pooled 32 = 16 + 16; its query/key weights doubled so that attention is non-uniform;
 * ``text_encoder`` and ``text_encoder_2``: 2-layer ``CLIPTextModelWithProjection`` s (hidden 16, projection 16) with
-  the byte-level ``CLIPTokenizer`` of :mod:`sag.models.tiny_sd_pipeline`; no T5 (``text_encoder_3=None``: the
-  pipeline then uses zeros of (256, joint_attention_dim) for the T5 tokens, and so do we);
+  the byte-level ``CLIPTokenizer`` of :mod:`sag.models.tiny_sd_pipeline`; by default no T5 (``text_encoder_3=None``:
+  the pipeline then uses zeros of (256, joint_attention_dim) for the T5 tokens, and so do we); ``t5=True`` adds the
+  2-layer ``T5EncoderModel`` of width 48 and tokenizer of :mod:`sag.models.tiny_t5` (drawn after the other parts, so
+  those keep their weights);
 * a factor-2 ``AutoencoderKL`` with SD3's scaling and shift factors (32 px <-> 16x16x4 latents) and SD3 medium's
   ``FlowMatchEulerDiscreteScheduler`` (shift 3.0).
 """
@@ -27,6 +29,7 @@ from sag.models.base import DiffusionModel
 from sag.models.sd3 import SD3PromptEncoder, sd3_model_fields
 from sag.models.tiny import _sharpen
 from sag.models.tiny_sd_pipeline import clip_text_config, write_tokenizer_files
+from sag.models.tiny_t5 import tiny_t5_encoder, tiny_t5_tokenizer
 from sag.schedule import flow_alphas_cumprod
 
 if TYPE_CHECKING:
@@ -64,10 +67,10 @@ def _text_encoders(tokenizer):
     return CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
 
 
-def build_tiny_sd3_pipeline(tmp_dir: str | Path, seed: int = 0, attn_sharpness: float = 2.0
+def build_tiny_sd3_pipeline(tmp_dir: str | Path, seed: int = 0, attn_sharpness: float = 2.0, t5: bool = False
                             ) -> StableDiffusion3Pipeline:
     """diffusers' ``StableDiffusion3Pipeline`` on the tiny random components (tokenizer files under ``tmp_dir``), on
-    the CPU in float32, progress bar off, no T5."""
+    the CPU in float32, progress bar off; with the tiny T5 as ``text_encoder_3`` when ``t5``."""
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
@@ -78,11 +81,13 @@ def build_tiny_sd3_pipeline(tmp_dir: str | Path, seed: int = 0, attn_sharpness: 
         torch.manual_seed(seed)
         text_encoder, text_encoder_2 = _text_encoders(tokenizer)
         transformer, vae = tiny_sd3_transformer(), tiny_sd3_vae()
+        tokenizer_3 = tiny_t5_tokenizer() if t5 else None
+        text_encoder_3 = tiny_t5_encoder(tokenizer_3, T5_DIM).eval() if t5 else None
     _sharpen(transformer, attn_sharpness)  # non-uniform attention for SAG masks (draws no random numbers)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=vae.eval(),
         text_encoder=text_encoder.eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+        tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -93,8 +98,9 @@ def diffusion_model(pipe: StableDiffusion3Pipeline, negative_prompt: str | None 
     """Our ``DiffusionModel`` on an SD3 pipeline's own modules (shared, not copied), built by the same
     :func:`sag.models.sd3.sd3_model_fields` as an SD3 folder."""
     net = pipe.transformer
+    t5 = None if pipe.text_encoder_3 is None else (pipe.tokenizer_3, pipe.text_encoder_3)
     encoder = SD3PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                               int(net.config.joint_attention_dim))
+                               int(net.config.joint_attention_dim), t5)
     sched = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     size = int(net.config.sample_size)
     return DiffusionModel(
