@@ -29,11 +29,13 @@ import numpy as np
 import pandas as pd
 
 from analysis.claims import PrimaryScope, claims_table
+from analysis.heads import head_tables, probe_reductions, with_head_stats
 from analysis.masks_source import SCENES_LABEL, ObjectMasks
 from analysis.stats import stats_table
 from analysis.studies import (
     MODES,
     Settings,
+    check_mapping,
     load_images,
     open_records,
     run_meta,
@@ -42,7 +44,7 @@ from analysis.studies import (
     study_frequency,
     study_timesteps,
 )
-from sag.domains import DECLARE, require_domain
+from sag.domains import DECLARE, EMBEDDED, model_domain, require_domain
 from sag.errors import SagConfigError
 from sag.masks import high_frequency_mask
 from sag.models.base import DiffusionModel
@@ -111,7 +113,9 @@ def check_sources(model, studies: Sequence[str], modes: Sequence[str], masks: Ob
     if "correlation" in studies and needs:
         require_domain(model, f"Exp. C with {' and '.join(needs)}", [
             "studies=[timesteps,frequency] (no Exp. C)", "correlation_modes=[samples] object_masks=files "
-            "object_masks_dir=<folder with a <seed>.npz or <seed>.png mask per seed>", DECLARE])
+            "object_masks_dir=<folder with a <seed>.npz or <seed>.png mask per seed>",
+            "correlation_modes=[samples] object_masks=segmentation object_masks_model=<local transformers "
+            "segmentation model folder>", DECLARE])
 
 
 @dataclass
@@ -161,7 +165,9 @@ def run_studies(run_dir: str | Path, settings: Settings, *, studies: Sequence[st
                 claims: ClaimsSettings | None = None, model: ModelSource = None,
                 object_masks: ObjectMasks | None = None) -> StudiesResult:
     """Every requested study on the capture run ``run_dir``: tables ``attention_timesteps``, ``frequency``,
-    ``frequency_surface``, ``object_correlation``, ``stats`` and ``claims`` (columns: analysis.schemas).
+    ``frequency_surface``, ``object_correlation``, ``stats`` and ``claims`` (columns: analysis.schemas); runs
+    captured with ``received_heads`` add ``frequency_heads``, ``object_correlation_heads`` and their exploratory
+    per-head rows in stats and claims (:mod:`analysis.heads`).
 
     ``scenes`` and ``model`` (the run's model, or a function building it: called only when the scenes mode
     runs) are needed for the Exp. C scenes mode; ``claims`` for the claims table (skipped when None);
@@ -175,11 +181,12 @@ def run_studies(run_dir: str | Path, settings: Settings, *, studies: Sequence[st
     check_sources(run_description(run_dir), studies, modes, masks)
     laps, tables = _Laps(), {}
     seeds, images = load_images(run_dir, reader.seeds)
+    check_mapping(reader, images, settings, studies)  # token grids -> decoded pixels (token_px), before any study
     sample_masks = None  # the user's files, read and checked before any study
     if "correlation" in studies and "samples" in modes and not masks.needs_domain:
-        sample_masks = masks.load(seeds, images.shape[-2:])
+        sample_masks = masks.load(seeds, images.shape[-2:], run_dir)
     if "timesteps" in studies:
-        tables["attention_timesteps"] = study_timesteps(records, settings.psis, run, model_name)
+        tables["attention_timesteps"] = study_timesteps(records, settings.psis, run, model_name, images.shape[-2:])
     laps.lap("timesteps")
     freq, parts = None, []
     if "frequency" in studies:
@@ -197,9 +204,12 @@ def run_studies(run_dir: str | Path, settings: Settings, *, studies: Sequence[st
                                        model_name, laps))
     if parts:
         tables["object_correlation"] = pd.concat(parts, ignore_index=True)
+    if heads := head_tables(run_dir, reader, images, settings, run, model_name, studies, modes):  # received_heads
+        tables.update(heads)
+        laps.lap("heads")
     if freq is not None or parts:
-        tables["stats"] = stats_table(freq, tables.get("object_correlation"), test=settings.test,
-                                      n_boot=settings.n_boot, seed=settings.seed)
+        tables["stats"] = with_head_stats(stats_table(freq, tables.get("object_correlation"), test=settings.test,
+                                                      n_boot=settings.n_boot, seed=settings.seed), tables, settings)
         tables["stats"] = with_mask_source(tables["stats"], masks)
         laps.lap("stats")
         if claims is not None:
@@ -236,7 +246,8 @@ def sample_correlation(run_dir: Path, records: RecordArrays, seeds: list[int], i
     ``<run_dir>/studies/sample_masks.npz``, and the image-derived high-frequency mask. Rows record the source in
     column ``object_masks``."""
     masks = masks or ObjectMasks()
-    path = write_sample_masks(run_dir / SAMPLE_MASKS_FILE, seeds, images, object_mask, masks.label)
+    domain = model_domain(run_description(run_dir))[1] or EMBEDDED  # check_sources refused a model of no domain
+    path = write_sample_masks(run_dir / SAMPLE_MASKS_FILE, seeds, images, object_mask, masks.label, domain)
     laps.lap("segmenter")
     targets = {"object": np.load(path)["object_mask"], "highfreq": high_frequency_mask(images)}
     out = study_correlation(records, targets, "samples", settings, run, model, images.shape[-2:], settings.steps)
@@ -254,7 +265,8 @@ def scene_correlation(out: Path, model: DiffusionModel, reader: RecordReader, sc
     columns, so in mode "scenes" ``seed`` holds the scene index and ``step`` the t index (``t`` is t itself)."""
     shutil.rmtree(out, ignore_errors=True)
     probe_scenes(model, out, layers=reader.layers, ts=list(scenes.t), data_seed=scenes.data_seed,
-                 count=scenes.count, batch_size=scenes.batch_size, noise_seed=scenes.noise_seed)
+                 count=scenes.count, batch_size=scenes.batch_size, noise_seed=scenes.noise_seed,
+                 reductions=probe_reductions(reader))  # + received_heads where the run has it (analysis.heads)
     laps.lap("scenes_probe")
     masks = dict(np.load(out / MASKS_FILE))
     scene_index = [int(i) for i in masks["scene_index"]]

@@ -43,10 +43,20 @@ def build_scheduler(cfg: DictConfig, model: DiffusionModel):  # cfg.scheduler is
 
 
 def load_classifier(cfg: DictConfig, model: DiffusionModel):
-    """The noise-aware classifier of classifier guidance: ``classifier`` (a directory) or the embedded one."""
-    from sag.evaluators import load_noisy_classifier  # only CG needs the evaluators (and torchmetrics)
+    """The noise-aware classifier of classifier guidance: ``classifier`` (a directory) or the shipped one of the
+    model's domain (refused for a model of no shipped domain)."""
+    from sag.evaluators.io import evaluator_for  # only CG needs the evaluators (and torchmetrics)
 
-    return load_noisy_classifier(cfg.get("classifier")).to(model.device)
+    return evaluator_for("noisy_classifier", model, cfg.get("classifier")).to(model.device)
+
+
+def guidance_fn(cfg: DictConfig, model: DiffusionModel):
+    """``cfg.guidance`` (a ``sag.guidance.build_guidance`` partial) for ``model``, with the noise-aware classifier
+    where its kind has a classifier-guidance term (cg, sag_cg, pag_cg, seg_cg, slg_cg)."""
+    from sag.guidance.build import needs_classifier
+
+    extra = {"classifier": load_classifier(cfg, model)} if needs_classifier(cfg.guidance.kind) else {}
+    return instantiate(cfg.guidance, _convert_="all")(model, **extra)
 
 
 def run_inputs(cfg: DictConfig) -> RunInputs:
@@ -66,7 +76,8 @@ def conditions(cfg: DictConfig, model: DiffusionModel, run: RunInputs) -> torch.
 
 def capture_run(cfg: DictConfig, out) -> dict:
     """The capture stage (experiments.capture; studies / the main job when they capture first): validate, then
-    record the selected layers of ``cfg.seeds`` into ``out`` (:func:`sag.stages.capture_run`); returns run.json."""
+    record the selected layers of ``cfg.seeds`` into ``out`` (:func:`sag.stages.capture_run`) under ``cfg.guidance``
+    (absent or kind none: unguided) with its degraded ``cfg.passes`` (absent: none); returns run.json."""
     with user_errors():
         run = run_inputs(cfg)  # before the heavy imports: a bad seed spec or steps answers at once
         from sag import stages
@@ -75,6 +86,13 @@ def capture_run(cfg: DictConfig, out) -> dict:
         model = build_model(cfg)
         scheduler = build_scheduler(cfg, model)
         layers = stages.capture_layers(model, spec, run.size)
+        guided = cfg.get("guidance") is not None and cfg.guidance.kind != "none"
+        guidance = guidance_fn(cfg, model) if guided else None
+        passes = stages.check_passes(guidance, plain(cfg.get("passes")), cfg.guidance.kind if guided else None)
+        if guidance is not None:
+            guidance.validate(run.size or model.sample_size)
         cond = conditions(cfg, model, run)
-    return stages.capture_run(model, scheduler, Path(out), run=run, spec=spec, cond=cond, meta=run.meta(plain(cfg)),
-                              progress=cfg.progress, layers=layers)
+    meta = run.meta(plain(cfg)) | ({"guidance": plain(cfg.guidance)} if guided else {})
+    return stages.capture_run(model, scheduler, Path(out), run=run, spec=spec, cond=cond, meta=meta,
+                              progress=cfg.progress, layers=layers, guidance=guidance, passes=passes,
+                              prompt=plain(cfg.get("prompt")))  # capture.word_maps: words located in the prompt

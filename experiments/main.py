@@ -4,10 +4,9 @@
     python -m experiments.main out_dir=<dir>         # resume: stages whose output is complete are skipped
     python -m experiments.main main_scale=tiny       # the same pipeline on the tiny random model (~1 min)
 
-Stages, child processes: capture -> studies (tables in capture/tables) -> evaluate (guided-sampling sweep +
-quality) -> frontier -> bench (benchmarks.cost) -> figures -> report (HTML). A Hydra stage runs its overlay
-``experiment=main/<stage>`` (conf/experiment/main/; alone: ``python -m experiments.<stage> experiment=main/<stage>``)
-plus conf/main_scale's ``overrides``. Tables are gathered into ``<out_dir>/tables``; ``main.json`` has stage times.
+Stages, child processes: capture -> studies -> domains (both on the ``also_models``: experiments/main_domains.py) ->
+evaluate -> frontier -> bench (benchmarks.cost) -> figures -> report. A Hydra stage runs ``experiment=main/<stage>``
+(conf/experiment/main/) plus conf/main_scale's ``overrides``; tables are gathered into ``<out_dir>/tables``.
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli import entry_point
+from experiments.main_domains import run_domains
 from sag.io import atomic_write_text
 
-STAGES = ("capture", "studies", "evaluate", "frontier", "bench", "figures", "report")
+STAGES = ("capture", "studies", "domains", "evaluate", "frontier", "bench", "figures", "report")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {name: ROOT / "notebooks" / f"{name}.py" for name in ("attention_studies", "sag_report")}
 
@@ -71,6 +71,8 @@ def run_stage(stage: str, cfg: DictConfig, out: Path, env: dict) -> None:
     """Run one stage of the main job into ``out``."""
     if stage in ("capture", "studies", "evaluate", "frontier"):
         child(f"experiments.{stage}", stage_args(stage, cfg, out), env)
+    elif stage == "domains":
+        run_domains(cfg, out, env, child, stage_args)
     elif stage == "bench":
         child("benchmarks.cost", [*cfg.bench, "--out", str(out / "bench")], env)
     elif stage == "figures":

@@ -1,4 +1,4 @@
-"""Measure the embedded model's quality for its model card (no Hydra: a fixed protocol).
+"""Measure an embedded model's quality for its model card (no Hydra: a fixed protocol).
 
     python -m experiments.model_card [--model-dir DIR] [--evaluators DIR] [--n 1000] [--steps 50] [--out FILE]
 
@@ -7,8 +7,9 @@
 3. Frechet distance (:func:`sag.evaluators.frechet_distance`, the code behind ``tables/quality.parquet``) in
    the domain classifier's 128-d feature space between the samples and n held-out scenes, next to the floor:
    the same distance between two disjoint held-out sets of n scenes.
-   Held-out scenes come from data seed 3, which neither the diffusion model (seed 0) nor the evaluators
-   (seeds 1, 2) saw.
+   Held-out scenes are the model's own domain's (:mod:`sag.domains`: embedded-scenes or natural-scenes), data
+   seed 3, which neither the diffusion model (seed 0) nor the evaluators (seeds 1, 2) saw; the classifier is the
+   shipped one of that domain unless --evaluators names another.
 Writes the metrics as JSON and a labelled sample grid (one row per class).
 """
 
@@ -53,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.model_card", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="a diffusers dir; default: the embedded model")
-    ap.add_argument("--evaluators", default=None, help="dir with classifier/; default: the embedded evaluators")
+    ap.add_argument("--evaluators", default=None, help="dir with classifier/; default: the model domain's own")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=125)
@@ -62,8 +63,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from sag.data import SHAPES, make_scenes
-    from sag.evaluators import accuracy, frechet_distance, load_evaluator
+    from sag.data import SHAPES
+    from sag.domains import scene_maker
+    from sag.evaluators import accuracy, frechet_distance
+    from sag.evaluators.io import evaluator_for
     from sag.io import atomic_write_text
     from sag.runs import save_grid, to_uint8
     from sag.sampling import sample
@@ -72,23 +75,22 @@ def main() -> None:
     torch.set_num_threads(2)
     device = torch.device(args.device)
     model = class_model(args.model_dir, device)
-    clf = load_evaluator("classifier", Path(args.evaluators) / "classifier" if args.evaluators else None, device)
+    clf = evaluator_for("classifier", model, Path(args.evaluators) / "classifier" if args.evaluators else None, device)
     seeds = list(range(args.n))
     labels = torch.tensor([s % model.num_classes for s in seeds])
     t0 = time.time()
     x = sample(model, make_scheduler(model, "ddim"), steps=args.steps, seeds=seeds, cond=labels,
                batch_size=args.batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
     sample_s = time.time() - t0
     images = model.to_images(x.to(device))
     with torch.no_grad():
         logits = torch.cat([clf(images[i : i + 250]) for i in range(0, len(images), 250)]).cpu()
     acc = accuracy(logits, labels)
-    held = torch.from_numpy(make_scenes(HELD_OUT_SEED, 0, 2 * args.n)["image"]).to(device)
+    held = torch.from_numpy(scene_maker(model.domain)(HELD_OUT_SEED, 0, 2 * args.n)["image"]).to(device)
     f_gen, f_a, f_b = features(clf, images), features(clf, held[: args.n]), features(clf, held[args.n :])
     metrics = {
-        "n": args.n, "steps": args.steps, "scheduler": "ddim", "guidance": "none",
+        "n": args.n, "domain": model.domain, "steps": args.steps, "scheduler": "ddim", "guidance": "none",
         "class_accuracy": acc, "chance": 1 / model.num_classes,
         "per_class_accuracy": {SHAPES[c]: accuracy(logits[labels == c], labels[labels == c])
                                for c in range(model.num_classes)},
@@ -110,7 +112,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from experiments.cli import user_errors
+    from experiments.common import user_errors
 
     with user_errors():  # a bad --model-dir / --evaluators: one line, exit 2
         main()

@@ -58,6 +58,22 @@ else:
     print("no claims table yet: run the studies")
 
 # %% [markdown]
+# ## The claims on each training domain
+# The main job runs the capture and the studies on a second model too (`also_models`): the natural-scenes model, whose
+# objects sit anywhere (across the border too) on photographic backgrounds, where the embedded scenes keep objects
+# inside on smooth backgrounds. One column per model: the primary scope's verdict and effect
+# (`tables/claims_by_model.parquet`, analysis.domain_claims).
+
+# %%
+by_model = table_or_none(DIRS, "claims_by_model")
+if by_model is not None:
+    from analysis.domain_claims import primary_verdicts
+
+    display(primary_verdicts(by_model))
+else:
+    print("no claims_by_model table: the main job's domains stage writes it (also_models)")
+
+# %% [markdown]
 # ## Exp. A: what do the masks cover?
 
 # %%

@@ -18,9 +18,9 @@ holds t itself). :func:`analysis.driver.scene_correlation` reads them back under
 ``write_sample_masks`` stores a run's sample masks (the segmenter's, or those of another source such as the user's
 files: analysis.masks_source) as ``.npz`` (seeds, object_mask, source) for the analysis and the figures.
 
-The scenes and the segmenter belong to the embedded domain (:mod:`sag.domains`): ``probe_scenes`` refuses a model
-that does not declare it; ``segment_images`` sees images only, so its callers check the model
-(:func:`analysis.driver.run_studies`).
+The scenes and the segmenter belong to a scene domain (:mod:`sag.domains`): ``probe_scenes`` refuses a model that
+declares none and draws the scenes of the model's own domain; ``segment_images`` sees images only, so its callers
+check the model (:func:`analysis.driver.run_studies`) and name its domain.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from sag.capture import capture_attention
-from sag.data.scenes import SIZE, make_scenes
-from sag.domains import DECLARE, require_domain
+from sag.data.scenes import SIZE
+from sag.domains import DECLARE, EMBEDDED, require_domain, scene_maker
 from sag.errors import SagConfigError
 from sag.io import atomic_path
 from sag.models.base import DiffusionModel
@@ -64,8 +64,9 @@ def probe_scenes(model: DiffusionModel, out_dir: str | Path, *, layers: Sequence
                  reductions: Sequence[str] = ("received",), dtype: str = "float32") -> Path:
     """Capture attention on ``count`` scenes of dataset ``data_seed`` noised to each t in ``ts``; returns
     ``out_dir``. Class-conditional models get the scene's label (the class of its largest object). The model must
-    declare the embedded domain (:func:`sag.domains.require_domain`)."""
-    require_domain(model, "the scenes probe (correlation_modes=[scenes])", ["correlation_modes=[samples]", DECLARE])
+    declare a scene domain (:func:`sag.domains.require_domain`), whose scenes are probed."""
+    domain = require_domain(model, "the scenes probe (correlation_modes=[scenes])",
+                            ["correlation_modes=[samples]", DECLARE])
     _check_scene_model(model, "the scenes probe")
     if count <= 0 or batch_size <= 0:
         raise SagConfigError(f"scenes count={count}, batch_size={batch_size}; accepted: positive integers")
@@ -74,7 +75,7 @@ def probe_scenes(model: DiffusionModel, out_dir: str | Path, *, layers: Sequence
     if bad or not ts:
         raise SagConfigError(f"scene timesteps {list(ts)}; accepted: a non-empty list in [0, {n_train})")
     out = Path(out_dir)
-    scenes = make_scenes(data_seed, start, count)
+    scenes = scene_maker(domain)(data_seed, start, count)
     scene_index = list(range(start, start + count))
     writer = RecordWriter(out / "records", dtype, meta={"probe": "scenes", "model": model.describe(),
                                                         "data_seed": data_seed, "t": [float(t) for t in ts],
@@ -110,26 +111,27 @@ def _savez(path: Path, **arrays: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None, batch_size: int = 256) -> np.ndarray:
+def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None, batch_size: int = 256,
+                   domain: str = EMBEDDED) -> np.ndarray:
     """(n, 3, 32, 32) float images in [-1, 1] -> (n, 32, 32) bool object masks from the domain segmenter
-    (default: the shipped one)."""
+    (default: the shipped one of ``domain``)."""
     if images.ndim != 4 or images.shape[1:] != (3, SIZE, SIZE):
         raise SagConfigError(f"the object segmenter reads (n, 3, {SIZE}, {SIZE}) images; got {images.shape}")
     if segmenter is None:
         from sag.evaluators import load_evaluator
 
-        segmenter = load_evaluator("segmenter")
+        segmenter = load_evaluator("segmenter", domain=domain)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     return torch.cat([segmenter.predict_mask(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 
 def write_sample_masks(path: str | Path, seeds: Sequence[int], images: np.ndarray, masks: np.ndarray | None = None,
-                       source: str = "embedded") -> Path:
+                       source: str = "embedded", domain: str = EMBEDDED) -> Path:
     """Store ``seeds``, ``object_mask`` (n, H, W) bool and ``source`` (where the masks come from, as the tables'
-    ``object_masks`` column) in ``path`` (.npz). ``masks`` None: segment the generated ``images`` with the embedded
-    segmenter (source "embedded")."""
+    ``object_masks`` column) in ``path`` (.npz). ``masks`` None: segment the generated ``images`` with the shipped
+    segmenter of ``domain`` (source "embedded")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    masks = segment_images(images) if masks is None else np.asarray(masks, dtype=bool)
+    masks = segment_images(images, domain=domain) if masks is None else np.asarray(masks, dtype=bool)
     _savez(path, seeds=np.asarray(seeds), object_mask=masks, source=np.asarray(source))
     return path

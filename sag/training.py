@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from sag.data import SHAPES, make_scenes
+from sag.data import SHAPES
+from sag.domains import EMBEDDED, METADATA_KEY, check_known, scene_maker
 from sag.errors import SagConfigError
 from sag.io import temp_path
 from sag.train_loop import (
@@ -45,7 +46,8 @@ from sag.train_loop import (
 
 LOSS_SMOOTHING = 0.98  # ema_loss = 0.98 ema_loss + 0.02 loss (display only)
 # Fields that must match between a checkpoint and the config that resumes it.
-RESUME_KEYS = ("unet", "schedule", "seed", "data_seed", "data.pool_size", "train.batch_size", "train.label_dropout")
+RESUME_KEYS = ("unet", "schedule", "seed", "data_seed", "data.domain", "data.pool_size", "train.batch_size",
+               "train.label_dropout")
 
 
 def build_unet(unet_cfg: Mapping[str, Any]) -> UNet2DModel:
@@ -56,30 +58,32 @@ def build_unet(unet_cfg: Mapping[str, Any]) -> UNet2DModel:
     return UNet2DModel(in_channels=3, out_channels=3, num_class_embeds=len(SHAPES) + 1, **kw)
 
 
-def batch_for_step(data_seed: int, step: int, batch_size: int, pool: dict | None = None):
+def batch_for_step(data_seed: int, step: int, batch_size: int, pool: dict | None = None, domain: str = EMBEDDED):
     """(images (B,3,32,32), labels (B,)) of step ``step``: a pure function of (data_seed, step).
 
-    Without a pool every step sees fresh scenes ``step*B .. step*B+B-1``; with a pool (tensors, possibly
-    on the training device), B indices drawn by :func:`sag.train_loop.pool_indices`.
+    Without a pool every step sees fresh scenes ``step*B .. step*B+B-1`` of ``domain``'s generator
+    (:func:`sag.domains.scene_maker`); with a pool (tensors, possibly on the training device), B indices drawn by
+    :func:`sag.train_loop.pool_indices`.
     """
     if pool is None:
-        d = make_scenes(data_seed, step * batch_size, batch_size)
+        d = scene_maker(domain)(data_seed, step * batch_size, batch_size)
         return torch.from_numpy(d["image"]), torch.from_numpy(d["label"])
     idx = pool_indices(data_seed, step, len(pool["label"]), batch_size)
     idx = torch.from_numpy(idx).to(pool["label"].device)
     return pool["image"][idx], pool["label"][idx]
 
 
-def _scene_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    d = make_scenes(*args)
+def _scene_chunk(args: tuple[str, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    d = scene_maker(args[0])(*args[1:])
     return d["image"], d["label"]
 
 
-def make_pool(data_seed: int, size: int, workers: int = 1, device: str | torch.device = "cpu") -> dict:
-    """Scenes ``0..size-1`` of ``data_seed`` as tensors on ``device``. Scenes are a pure function of
+def make_pool(data_seed: int, size: int, workers: int = 1, device: str | torch.device = "cpu",
+              domain: str = EMBEDDED) -> dict:
+    """Scenes ``0..size-1`` of ``data_seed`` of ``domain`` as tensors on ``device``. Scenes are a pure function of
     (seed, index), so generating them in ``workers`` processes gives the same pool as one process."""
     chunk = max(1, -(-size // max(1, workers)))
-    jobs = [(data_seed, s, min(chunk, size - s)) for s in range(0, size, chunk)]
+    jobs = [(domain, data_seed, s, min(chunk, size - s)) for s in range(0, size, chunk)]
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -175,7 +179,9 @@ class Trainer:
         # the pool first: its worker processes fork before any CUDA context exists
         pool_size = int(cfg["data"]["pool_size"] or 0)
         workers = int(cfg["data"].get("workers", 1) or 1)
-        self.pool = make_pool(int(cfg["data_seed"]), pool_size, workers, self.device) if pool_size > 0 else None
+        self.domain = check_known(cfg["data"].get("domain", EMBEDDED), "data.domain")
+        self.pool = (make_pool(int(cfg["data_seed"]), pool_size, workers, self.device, self.domain)
+                     if pool_size > 0 else None)
         self.model = _initial_unet(cfg).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.scheduler_config = dict(cfg["schedule"], prediction_type="epsilon")
@@ -205,7 +211,7 @@ class Trainer:
     def loss(self, k: int) -> torch.Tensor:
         """DDPM loss of step ``k`` (Ho et al. 2020, Algorithm 1): ||eps - eps_theta(x_t, t, y)||^2."""
         b = int(self.t["batch_size"])
-        x0, labels = batch_for_step(int(self.cfg["data_seed"]), k, b, self.pool)
+        x0, labels = batch_for_step(int(self.cfg["data_seed"]), k, b, self.pool, self.domain)
         dev = self.device
         x0, labels = x0.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         # draws on the training device: bit-identical reruns on one device, not across devices
@@ -263,7 +269,8 @@ class Trainer:
         import diffusers
 
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
-                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+                 METADATA_KEY: self.domain}  # the model declares the domain it was trained on (sag.domains)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         meta = {"classes": list(SHAPES), "null_class": self.null_class, "step": self.step,
                 "weights": "ema", "ema_decay": float(self.t["ema_decay"]), "init_from": self.cfg.get("init_from")}

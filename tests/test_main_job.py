@@ -36,7 +36,8 @@ def test_main_job_tiny_runs_every_stage_and_resumes(tmp_path):
         assert html.is_file() and html.stat().st_size > 10_000
         assert f"report: {html}" in res.stdout
     log = json.loads((out / "main.json").read_text())
-    assert list(log["stages"]) == ["capture", "studies", "evaluate", "frontier", "bench", "figures", "report"]
+    assert list(log["stages"]) == ["capture", "studies", "domains", "evaluate", "frontier", "bench", "figures",
+                                   "report"]
     for table in ("attention_timesteps", "frequency", "object_correlation", "stats", "claims", "quality",
                   "frontier", "bench"):
         df = validate(read_table(out, table, TABLES[table]), table)
@@ -49,3 +50,9 @@ def test_main_job_tiny_runs_every_stage_and_resumes(tmp_path):
     again = run_main("main_scale=tiny", f"out_dir={out}", "stages=[capture,studies,evaluate,frontier,bench]")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done already") == 5
+    # the domains stage on a second model: its capture + studies, then both claims tables side by side
+    second = run_main("main_scale=tiny", f"out_dir={out}", "stages=[domains]", "also_models=[tiny_pixel_cond]")
+    assert second.returncode == 0, second.stderr[-3000:]
+    both, claims = read_table(out, "claims_by_model"), read_table(out, "claims")
+    assert len(both) == 2 * len(claims) and set(both["domain"]) == {"embedded-scenes"}
+    assert (out / "domains" / "tiny_pixel_cond" / "capture" / "tables" / "claims.parquet").is_file()

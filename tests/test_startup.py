@@ -104,7 +104,7 @@ def test_model_card_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main()
     assert exit_.value.code == 0
-    assert "Measure the embedded model's quality" in capsys.readouterr().out
+    assert "Measure an embedded model's quality" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

@@ -146,10 +146,10 @@ def _draw_patches(u: np.ndarray, image: np.ndarray, noise: np.ndarray, texture: 
         texture[rows] |= rect
 
 
-def _object_layout(u: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-object parameters: count, classes, target areas (the main object, drawn last, is the largest)."""
+def _object_layout(u: np.ndarray, col: int = _BG + 1 + MAX_PATCHES * _PATCH) -> dict[str, np.ndarray]:
+    """Per-object parameters: count, classes, target areas (the main object, drawn last, is the largest), read from
+    the uniform draws ``u`` from column ``col`` on (1 + MAX_OBJECTS * _OBJ columns)."""
     m = len(u)
-    col = _BG + 1 + MAX_PATCHES * _PATCH
     n_obj = 1 + np.minimum((u[:, col] * MAX_OBJECTS).astype(int), MAX_OBJECTS - 1)
     col += 1
     q_all = u[:, col: col + MAX_OBJECTS * _OBJ].reshape(m, MAX_OBJECTS, _OBJ)
@@ -163,12 +163,14 @@ def _object_layout(u: np.ndarray) -> dict[str, np.ndarray]:
             "textured": (q_all[:, :, 6] < 0.5) & active}
 
 
-def _object_mask(q: np.ndarray, cls: np.ndarray, area: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """(m, H, W) mask of one object slot: size from the target area, placed fully inside the image."""
+def _object_mask(q: np.ndarray, cls: np.ndarray, area: np.ndarray, active: np.ndarray,
+                 inside: bool = True) -> np.ndarray:
+    """(m, H, W) mask of one object slot: size from the target area; placed fully inside the image (``inside``)
+    or with its centre uniform over the whole image, so that it may cross the border."""
     m = len(q)
     ring_ratio = 0.4 + 0.2 * q[:, 2]
     size = np.sqrt(area / _shape_area_factor(cls, ring_ratio))
-    r = np.minimum(_bounding_radius(cls, size), SIZE / 2)
+    r = np.minimum(_bounding_radius(cls, size), SIZE / 2) if inside else np.zeros(m)
     cx, cy = r + q[:, 3] * (SIZE - 2 * r), r + q[:, 4] * (SIZE - 2 * r)
     angle = 2 * math.pi * q[:, 5]
     mask = np.zeros((m, SIZE, SIZE), bool)
@@ -202,18 +204,24 @@ def _draw(u: np.ndarray) -> dict[str, np.ndarray]:
     bg_mean = (-0.7 + 1.4 * (u[:, 0:3] + u[:, 3:6]) / 2).astype(np.float32)
     noise = u[:, _NPARAM:].reshape(m, SIZE, SIZE).astype(np.float32) * 2 - 1
     texture = np.zeros((m, SIZE, SIZE), bool)
-    instance = np.zeros((m, SIZE, SIZE), np.uint8)
     _draw_patches(u, image, noise, texture)
-    # objects in instance order: later ones occlude earlier ones; the main (largest) one is drawn last
-    lay = _object_layout(u)
+    return _draw_objects(_object_layout(u), image, texture, bg_mean, inside=True)
+
+
+def _draw_objects(lay: dict[str, np.ndarray], image: np.ndarray, texture: np.ndarray, bg_mean: np.ndarray,
+                  inside: bool) -> dict[str, np.ndarray]:
+    """Draw the objects of ``lay`` (:func:`_object_layout`) onto ``image`` / ``texture`` in instance order (later ones
+    occlude earlier ones; the main, largest one is drawn last) and return the scene arrays of :func:`make_scenes`;
+    ``inside``: objects kept inside the image (:func:`_object_mask`)."""
+    m = len(image)
+    instance = np.zeros((m, SIZE, SIZE), np.uint8)
     classes, textured = lay["classes"], lay["textured"]
     for j in range(MAX_OBJECTS):
         q = lay["q_all"][:, j]
-        mask = _object_mask(q, classes[:, j], lay["area"][:, j], lay["active"][:, j])
+        mask = _object_mask(q, classes[:, j], lay["area"][:, j], lay["active"][:, j], inside=inside)
         np.copyto(image, _object_fill(q, textured[:, j], bg_mean, image.shape), where=mask[:, None])
         texture[mask] = textured[:, j].repeat(SIZE * SIZE).reshape(m, SIZE, SIZE)[mask]
         instance[mask] = j + 1
-
     visible = np.stack([(instance == k).sum((1, 2)) for k in range(1, MAX_OBJECTS + 1)], 1)
     label = classes[np.arange(m), visible.argmax(1)]
     return {

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sag.data.scenes import SHAPES
+from sag.domains import EMBEDDED, evaluator_dir
 from sag.errors import SagConfigError
 from sag.evaluators.nets import EVALUATORS, build_evaluator, num_parameters
 from sag.io import atomic_path, atomic_write_text
@@ -70,20 +71,19 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(cfg_path.read_text())
 
 
-EMBEDDED_DIR = Path(__file__).parent / "weights"  # the shipped evaluators of the embedded scene domain
-
-
-def load_evaluator(kind: str | None, path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def load_evaluator(kind: str | None, path: str | Path | None = None, device: str | torch.device = "cpu",
+                   domain: str = EMBEDDED) -> nn.Module:
     """Load the evaluator saved in directory ``path`` (or its ``model.safetensors``), in eval mode.
 
-    ``path=None`` loads the shipped evaluator of that ``kind`` (package data, trained on the embedded scenes).
+    ``path=None`` loads the shipped evaluator of that ``kind`` of ``domain`` (package data trained on that domain's
+    scenes, :func:`sag.domains.evaluator_dir`).
     ``kind`` (a key of :data:`EVALUATORS`) must match the saved kind; ``None`` accepts whatever was saved.
     The returned module has its ``config.json`` as ``.saved_config``.
     """
     if path is None:
         if kind is None:
             raise SagConfigError("load_evaluator(None, None): name the kind of the shipped evaluator to load")
-        path = EMBEDDED_DIR / kind
+        path = evaluator_dir(domain, kind)
     p = Path(path)
     directory = p.parent if p.suffix == ".safetensors" else p
     config = read_config(directory)
@@ -101,6 +101,22 @@ def load_evaluator(kind: str | None, path: str | Path | None = None, device: str
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_noisy_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The noise-aware classifier for classifier guidance (``path=None``: the shipped one)."""
-    return load_evaluator("noisy_classifier", path, device)
+def load_noisy_classifier(path: str | Path | None = None, device: str | torch.device = "cpu",
+                          domain: str = EMBEDDED) -> nn.Module:
+    """The noise-aware classifier for classifier guidance (``path=None``: the shipped one of ``domain``)."""
+    return load_evaluator("noisy_classifier", path, device, domain)
+
+
+def evaluator_for(kind: str, model: Any, path: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """The evaluator ``kind`` to apply to ``model``'s samples: the one saved in ``path`` when given, else the shipped
+    one of the model's own domain. A model that declares no shipped domain gets no shipped evaluator: refused in one
+    line (:func:`sag.domains.require_domain`) naming the key that supplies one."""
+    if path is not None:
+        return load_evaluator(kind, path, device)
+    from sag.domains import DECLARE, require_domain
+
+    key = {"noisy_classifier": "classifier", "classifier": "evaluator"}.get(kind, kind)
+    domain = require_domain(model, f"the shipped {kind.replace('_', '-')} evaluator",
+                            [f"{key}=<a directory written by save_evaluator, trained on your model's data>", DECLARE])
+    return load_evaluator(kind, None, device, domain)

@@ -1,6 +1,7 @@
 """Train the domain evaluators on the procedural scenes and measure them on held-out scenes.
 
-Data: step ``k`` trains on fresh scenes ``k*B .. k*B+B-1`` of ``make_scenes(data_seed, ...)`` (default
+Data: step ``k`` trains on fresh scenes ``k*B .. k*B+B-1`` of the ``domain``'s generator (``embedded-scenes``:
+``make_scenes(data_seed, ...)``; ``natural-scenes``: :func:`sag.data.natural.make_natural_scenes`) (default
 data_seed 1; ``pool_size: N`` draws from N fixed scenes instead) with a random horizontal flip; the
 held-out set is scenes ``0 .. eval_size-1`` of ``eval_seed`` (default 2). Both differ from the diffusion
 model's training data (``data_seed: 0`` in ``conf/train.yaml``), so the evaluators never saw the scenes the
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from sag.data.scenes import SHAPES, make_scenes
+from sag.data.scenes import SHAPES
+from sag.domains import EMBEDDED, check_known, scene_maker
 from sag.errors import SagConfigError
 from sag.evaluators.io import save_evaluator
 from sag.evaluators.metrics import accuracy, frechet_distance, mask_iou
@@ -62,8 +64,9 @@ def _settings(kind: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise SagConfigError(f"evaluator kind {kind!r}; accepted: {sorted(EVALUATORS)}")
     if kind not in cfg:
         raise SagConfigError(f"the config has no section {kind!r}")
-    s = {k: cfg.get(k, d) for k, d in (("seed", 0), ("data_seed", 1), ("eval_seed", 2),
+    s = {k: cfg.get(k, d) for k, d in (("seed", 0), ("data_seed", 1), ("eval_seed", 2), ("domain", EMBEDDED),
                                        ("eval_size", 2000), ("t_buckets", [0, 250, 500, 750, 1000]))}
+    check_known(s["domain"], "train_evaluators domain")
     s.update(cfg[kind])
     missing = [k for k in ("steps", "batch_size", "lr") if k not in s]
     if missing:
@@ -123,7 +126,7 @@ def _batch(kind: str, s: dict, step: int, schedule: VPSchedule | None, pool: dic
     """
     b = s["batch_size"]
     if pool is None:
-        d = make_scenes(s["data_seed"], step * b, b)
+        d = scene_maker(s["domain"])(s["data_seed"], step * b, b)
     else:
         idx = pool_indices(s["data_seed"], step, len(pool["label"]), b)
         d = {k: pool[k][idx] for k in ("image", "label", "object_mask")}
@@ -153,7 +156,7 @@ def _loss(kind: str, model, x, target, t):
 def evaluate(kind: str, model, s: dict) -> dict[str, Any]:
     """Held-out metrics on scenes ``0 .. eval_size-1`` of ``eval_seed``."""
     model.eval()
-    d = make_scenes(s["eval_seed"], 0, s["eval_size"])
+    d = scene_maker(s["domain"])(s["eval_seed"], 0, s["eval_size"])
     x_all = torch.from_numpy(d["image"])
     n = len(x_all)
     out: dict[str, Any] = {"eval_seed": s["eval_seed"], "eval_size": n}
@@ -227,14 +230,23 @@ def train_evaluator(kind: str, cfg: Mapping[str, Any], out_dir: str | Path,
     """
     s = _settings(kind, cfg)
     model, warm = _build(kind, s, Path(out_dir))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
     schedule = pixel_schedule() if kind == "noisy_classifier" else None
-    pool = make_scenes(s["data_seed"], 0, s["pool_size"]) if s["pool_size"] else None
+    pool = scene_maker(s["domain"])(s["data_seed"], 0, s["pool_size"]) if s["pool_size"] else None
     if progress is None:
         progress = bool(cfg.get("progress", True))
+    from sag.training import resolve_device
+
+    device = resolve_device(str(cfg.get("device", "cpu")))  # batches are drawn on the CPU, then moved
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
+
+    def loss(k: int) -> torch.Tensor:
+        x, target, t = _batch(kind, s, k, schedule, pool)
+        return _loss(kind, model, x.to(device), target.to(device), None if t is None else t.to(device))
+
     state, start = LoopState(), time.monotonic()
-    reason = run_loop(model, opt, lambda k: _loss(kind, model, *_batch(kind, s, k, schedule, pool)), state,
-                      _loop_settings(kind, s, progress))
+    reason = run_loop(model, opt, loss, state, _loop_settings(kind, s, progress))
+    model.to("cpu")  # held-out metrics and the saved weights: on the CPU
     reason = "steps" if reason == "max_steps" else reason  # the evaluator configs call the step budget `steps`
     train_s = time.monotonic() - start
     return _evaluate_and_save(kind, model, s, state, reason, train_s, warm, Path(out_dir) / kind)
