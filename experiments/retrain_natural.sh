@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the natural-scenes model (sag.data.natural) and its three evaluators on one CUDA GPU, then measure the model
-# card, in one go (about 9 minutes on an H200):
+# card, in one go (about 7 minutes on an H200: 418 s for the shipped model's first run):
 #   bash experiments/retrain_natural.sh [OUT_DIR]     -> OUT_DIR/{model/export, evaluators/<kind>, card/quality.json}
 # The evaluators train on the GPU beside the diffusion model (they are small: the GPU is shared, the CPU draws their
 # batches); the noise-aware classifier starts from the clean one. Budgets are wall-clock (train.max_minutes,
@@ -22,7 +22,7 @@ else
   # (64, 128, 128) channels, 2 resnets per level, attention at 16x16 and 8x8 (8 heads of 16 at 128 channels)
   model_args="data.pool_size=300000 data.workers=12 unet.block_out_channels=[64,128,128] unet.layers_per_block=2 \
     unet.attention_head_dim=16 train.batch_size=512 train.lr=0.0003 train.warmup_steps=300 train.ema_decay=0.9995 \
-    train.max_minutes=${TRAIN_MINUTES:-6.3} train.ckpt_every=1000 threads=4"
+    train.max_minutes=${TRAIN_MINUTES:-6.0} train.ckpt_every=1000 threads=4"
   eval_args="eval_size=2000 classifier.batch_size=256 classifier.steps=100000 classifier.max_minutes=2.2 \
     noisy_classifier.batch_size=256 noisy_classifier.steps=100000 noisy_classifier.max_minutes=3.0 \
     segmenter.batch_size=128 segmenter.steps=100000 segmenter.max_minutes=4.5 threads=2"
