@@ -37,10 +37,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import Tensor, nn
 
 from sag.errors import SagConfigError
-from sag.models.diffusers_dir import TOKENIZERS, _component, _read_json, _scheduler_config, register_family
-from sag.models.sd3 import FLOW_SCHEDULER_CLASSES, _load_pretrained
+from sag.models.diffusers_dir import TOKENIZERS, _component, register_family
+from sag.models.sd3 import _load_pretrained, flow_folder_fields
 from sag.models.sdxl import SDXLPromptEncoder, pack_cond, unpack_cond
-from sag.schedule import flow_alphas_cumprod
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s default max_sequence_length (T5 tokens)
 FLUX_GUIDANCE = 3.5  # FluxPipeline.__call__'s default guidance_scale (the distilled guidance input)
@@ -202,16 +201,8 @@ def flux_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype:
                 negative_prompt: str | None, flux_guidance: float | None = None) -> dict[str, Any]:
     """The ``flux`` family of :mod:`sag.models.diffusers_dir`: a FluxPipeline folder (its scheduler must be a
     flow-matching one) -> :func:`flux_model_fields` plus the flow schedule's fields and the VAE's shift."""
-    sched_cfg = _scheduler_config(parts["scheduler"])
-    if sched_cfg.get("_class_name") not in FLOW_SCHEDULER_CLASSES:
-        raise SagConfigError(f"{root / 'scheduler'}: scheduler {sched_cfg.get('_class_name')!r} is not supported for "
-                             f"a FluxTransformer2DModel; accepted: {list(FLOW_SCHEDULER_CLASSES)}")
-    fields: dict[str, Any] = {
-        "alphas_cumprod": flow_alphas_cumprod(int(sched_cfg.get("num_train_timesteps", 1000))),
-        "scheduler_config": sched_cfg, "sample_size": (DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE),
-    }
-    if parts["vae"] is not None:
-        fields["latent_shift"] = float(_read_json(parts["vae"] / "config.json").get("shift_factor") or 0.0)
+    fields = flow_folder_fields(root, parts, "a FluxTransformer2DModel")
+    fields["sample_size"] = (DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE)
     encoder = _load_prompt_encoder(root, parts, torch_dtype) if parts["index"] else None
     return {**fields, **flux_model_fields(net, encoder, negative_prompt, flux_guidance)}
 

@@ -165,20 +165,28 @@ def _load_prompt_encoder(root: Path, parts: dict, width: int, torch_dtype: torch
     return SD3PromptEncoder(toks, encs, width, t5)
 
 
-def sd3_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype: torch.dtype,
-               negative_prompt: str | None) -> dict[str, Any]:
-    """The ``sd3`` family of :mod:`sag.models.diffusers_dir`: a StableDiffusion3Pipeline folder (its scheduler must
-    be a flow-matching one) -> :func:`sd3_model_fields` plus the flow schedule's fields and the VAE's shift."""
+def flow_folder_fields(root: Path, parts: dict, net_name: str) -> dict[str, Any]:
+    """The fields every flow-matching folder (SD3, Flux) shares: its scheduler config (a flow-matching scheduler, else
+    a one-line refusal naming ``net_name``), the flow schedule as ``alphas_cumprod``, and the VAE's ``shift_factor``
+    as ``latent_shift`` when the folder has a VAE."""
     sched_cfg = _scheduler_config(parts["scheduler"])
     if sched_cfg.get("_class_name") not in FLOW_SCHEDULER_CLASSES:
         raise SagConfigError(f"{root / 'scheduler'}: scheduler {sched_cfg.get('_class_name')!r} is not supported for "
-                             f"an SD3Transformer2DModel; accepted: {list(FLOW_SCHEDULER_CLASSES)}")
+                             f"{net_name}; accepted: {list(FLOW_SCHEDULER_CLASSES)}")
     fields: dict[str, Any] = {
         "alphas_cumprod": flow_alphas_cumprod(int(sched_cfg.get("num_train_timesteps", 1000))),
         "scheduler_config": sched_cfg,
     }
     if parts["vae"] is not None:
         fields["latent_shift"] = float(_read_json(parts["vae"] / "config.json").get("shift_factor") or 0.0)
+    return fields
+
+
+def sd3_fields(root: Path, parts: dict, cfg: dict, net: nn.Module, torch_dtype: torch.dtype,
+               negative_prompt: str | None) -> dict[str, Any]:
+    """The ``sd3`` family of :mod:`sag.models.diffusers_dir`: a StableDiffusion3Pipeline folder (its scheduler must
+    be a flow-matching one) -> :func:`sd3_model_fields` plus the flow schedule's fields and the VAE's shift."""
+    fields = flow_folder_fields(root, parts, "an SD3Transformer2DModel")
     encoder = _load_prompt_encoder(root, parts, int(cfg["joint_attention_dim"]), torch_dtype) if parts["index"] \
         else None
     return {**fields, **sd3_model_fields(net, encoder, negative_prompt)}
