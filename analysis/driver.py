@@ -44,7 +44,7 @@ from analysis.studies import (
     study_frequency,
     study_timesteps,
 )
-from sag.domains import DECLARE, EMBEDDED, model_domain, require_domain
+from sag.domains import DECLARE, model_domain, require_domain
 from sag.errors import SagConfigError
 from sag.masks import high_frequency_mask
 from sag.models.base import DiffusionModel
@@ -246,7 +246,7 @@ def sample_correlation(run_dir: Path, records: RecordArrays, seeds: list[int], i
     ``<run_dir>/studies/sample_masks.npz``, and the image-derived high-frequency mask. Rows record the source in
     column ``object_masks``."""
     masks = masks or ObjectMasks()
-    domain = model_domain(run_description(run_dir))[1] or EMBEDDED  # check_sources refused a model of no domain
+    domain = model_domain(run_description(run_dir))[1]  # the segmenter of that domain (None: refused there)
     path = write_sample_masks(run_dir / SAMPLE_MASKS_FILE, seeds, images, object_mask, masks.label, domain)
     laps.lap("segmenter")
     targets = {"object": np.load(path)["object_mask"], "highfreq": high_frequency_mask(images)}

@@ -33,7 +33,7 @@ import torch
 
 from sag.capture import capture_attention
 from sag.data.scenes import SIZE
-from sag.domains import DECLARE, EMBEDDED, require_domain, scene_maker
+from sag.domains import DECLARE, DOMAINS, require_domain, scene_maker
 from sag.errors import SagConfigError
 from sag.io import atomic_path
 from sag.models.base import DiffusionModel
@@ -111,14 +111,20 @@ def _savez(path: Path, **arrays: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None, batch_size: int = 256,
-                   domain: str = EMBEDDED) -> np.ndarray:
-    """(n, 3, 32, 32) float images in [-1, 1] -> (n, 32, 32) bool object masks from the domain segmenter
-    (default: the shipped one of ``domain``)."""
+def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None, batch_size: int = 256, *,
+                   domain: str | None) -> np.ndarray:
+    """(n, 3, 32, 32) float images in [-1, 1] -> (n, 32, 32) bool object masks from ``segmenter``, or (None) the
+    shipped segmenter of ``domain``, the domain the images' model declares (None: refused in one line; there is no
+    default domain, so a caller cannot apply one domain's segmenter to another model's images by omission)."""
     if images.ndim != 4 or images.shape[1:] != (3, SIZE, SIZE):
         raise SagConfigError(f"the object segmenter reads (n, 3, {SIZE}, {SIZE}) images; got {images.shape}")
     if segmenter is None:
         from sag.evaluators import load_evaluator
+
+        if domain not in DOMAINS:
+            raise SagConfigError(f"the shipped object segmenter is for the {' and '.join(DOMAINS)} domains; the "
+                                 f"images' model declares {domain or 'no domain'}; accepted: object_masks=files or "
+                                 "object_masks=segmentation, or a model of a scene domain")
 
         segmenter = load_evaluator("segmenter", domain=domain)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -126,10 +132,10 @@ def segment_images(images: np.ndarray, segmenter: torch.nn.Module | None = None,
 
 
 def write_sample_masks(path: str | Path, seeds: Sequence[int], images: np.ndarray, masks: np.ndarray | None = None,
-                       source: str = "embedded", domain: str = EMBEDDED) -> Path:
+                       source: str = "embedded", domain: str | None = None) -> Path:
     """Store ``seeds``, ``object_mask`` (n, H, W) bool and ``source`` (where the masks come from, as the tables'
     ``object_masks`` column) in ``path`` (.npz). ``masks`` None: segment the generated ``images`` with the shipped
-    segmenter of ``domain`` (source "embedded")."""
+    segmenter of ``domain``, the one their model declares (source "embedded"; :func:`segment_images`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     masks = segment_images(images, domain=domain) if masks is None else np.asarray(masks, dtype=bool)

@@ -17,7 +17,7 @@ from sag.errors import SagConfigError
 from sag.evaluators.io import evaluator_for
 from sag.models import load_model
 from sag.models.embedded import NATURAL_DIR
-from sag.probe import MASKS_FILE, probe_scenes
+from sag.probe import MASKS_FILE, probe_scenes, segment_images
 from sag.sampling import sample
 from sag.schedulers import make_scheduler
 
@@ -102,6 +102,10 @@ def test_every_domain_helper_is_the_models_own(model, tiny_pixel, tiny_pixel_con
     with pytest.raises(SagConfigError, match=r"shipped noisy-classifier .* declares no domain; accepted: "
                                              r"classifier=<a directory"):
         evaluator_for("noisy_classifier", tiny_pixel)
+    images = make_natural_scenes(3, 0, 4)["image"]
+    with pytest.raises(SagConfigError, match="declares no domain; accepted: object_masks=files"):
+        segment_images(images, domain=None)  # no default domain: a foreign model's images are never segmented
+    assert segment_images(images, domain=NATURAL).shape == (4, 32, 32)
     out = probe_scenes(model, tmp_path / "probe", layers=["mid_block.attentions.0"], ts=[100], count=2,
                        batch_size=2)
     masks = np.load(out / MASKS_FILE)
