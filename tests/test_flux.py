@@ -42,11 +42,7 @@ def flux(tmp_path_factory):
 
 
 def our_run(model, kind, size, layers=JOINT, **options):
-    preds = []
-    g = build_guidance(model, kind, layers=layers, **options)
-    x = sample(model, make_scheduler(model, "flow_euler"), steps=STEPS, seeds=SEEDS, cond=model.encode_prompt(PROMPTS),
-               size=size, model_fn=g, progress=False, callback=lambda s: preds.append(s.prediction))
-    return preds, x
+    return text_pipelines.flow_run(model, kind, size, layers, PROMPTS, SEEDS, STEPS, **options)
 
 
 @pytest.mark.parametrize("true_cfg, flux_guidance, size, negative", [

@@ -14,7 +14,6 @@ from text_pipelines import saved_pipeline  # noqa: E402
 
 from sag.capture import capture_attention  # noqa: E402
 from sag.errors import SagConfigError  # noqa: E402
-from sag.guidance import build_guidance  # noqa: E402
 from sag.models import load_model  # noqa: E402
 from sag.models.tiny_sd3 import build_tiny_sd3_pipeline  # noqa: E402
 from sag.sampling import sample  # noqa: E402
@@ -45,11 +44,7 @@ def pipeline_run(pipe, guidance_scale: float, size, negative_prompt=None):
 
 
 def our_run(model, kind, size, **options):
-    preds = []
-    g = build_guidance(model, kind, layers=BLOCK0, **options)
-    x = sample(model, make_scheduler(model, "flow_euler"), steps=STEPS, seeds=SEEDS, cond=model.encode_prompt(PROMPTS),
-               size=size, model_fn=g, progress=False, callback=lambda s: preds.append(s.prediction))
-    return preds, x
+    return text_pipelines.flow_run(model, kind, size, BLOCK0, PROMPTS, SEEDS, STEPS, **options)
 
 
 @pytest.mark.parametrize("guidance_scale, size, negative", [

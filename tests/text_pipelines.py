@@ -1,5 +1,5 @@
-"""Shared by the SDXL and SD3 parity tests: run a tiny diffusers text-to-image pipeline and record what it feeds
-its scheduler, and build the (pipeline, saved folder, our model) fixture."""
+"""Shared by the SDXL, SD3 and Flux parity tests: run a tiny diffusers text-to-image pipeline and record what it feeds
+its scheduler, our flow sampler's run recorded the same way, and the (pipeline, saved folder, our model) fixture."""
 
 import torch
 
@@ -33,3 +33,17 @@ def saved_pipeline(build, tmp):
     pipe = build(tmp / "build")
     pipe.save_pretrained(tmp / "pipe")
     return pipe, tmp / "pipe", load_model("diffusers_dir", path=str(tmp / "pipe"))
+
+
+def flow_run(model, kind: str, size, layers, prompts, seeds, steps: int, **options):
+    """(the guided prediction of each step, the final latents) of our flow_euler sampler with guidance ``kind`` on
+    ``layers`` (the SD3 and Flux tests' side of :func:`pipeline_run`)."""
+    from sag.guidance import build_guidance
+    from sag.sampling import sample
+    from sag.schedulers import make_scheduler
+
+    preds = []
+    g = build_guidance(model, kind, layers=layers, **options)
+    x = sample(model, make_scheduler(model, "flow_euler"), steps=steps, seeds=seeds, cond=model.encode_prompt(prompts),
+               size=size, model_fn=g, progress=False, callback=lambda s: preds.append(s.prediction))
+    return preds, x
