@@ -18,6 +18,9 @@ Everything here works on numpy arrays, vectorised over images, tokens and random
 * **Empty masks**: an image whose attention mask is empty (no token above psi x mean) has no IoU: its
   ``iou_attention`` and both random IoUs are NaN, so it drops out of the paired comparisons
   (:mod:`analysis.stats` counts it in ``n_empty``) instead of adding a (0, 0) pair. ``mask_area`` = 0 marks it.
+  The same holds for an **empty target** (an image without an object of the chosen classes): every mask has
+  IoU 0 with it, attention and random alike, so the tie says nothing about the attention; its three IoUs are
+  NaN (as its AUROC and point-biserial r, which have one class only) and it is counted in ``n_empty`` too.
 * Threshold-free measures work on **tokens**: a token counts as object (texture) when at least
   ``min_fraction`` (default 50 %) of its pixels are object (texture). AUROC of received mass for the positive
   tokens is the Mann-Whitney U statistic / (n_pos n_neg), computed from average ranks (ties count 1/2);
@@ -201,7 +204,7 @@ def correlate(received: np.ndarray, targets: dict[str, np.ndarray], psis, *, dra
     Returns a long frame: image (row index 0..n-1), target, measure, psi (NaN for threshold-free), value.
     ``iou_random`` is the mean over ``draws`` seeded random masks with the attention mask's token count,
     ``iou_random_position`` over ``draws`` within-ring permutations of the attention mask (module docstring);
-    all three IoUs are NaN for an image whose attention mask is empty.
+    all three IoUs are NaN for an image whose attention mask is empty or whose target mask is empty.
     """
     n, h, w = received.shape
     t_count = h * w
@@ -224,11 +227,13 @@ def correlate(received: np.ndarray, targets: dict[str, np.ndarray], psis, *, dra
         area = (pix.shape[1] // h) * (pix.shape[2] // w)
         overlap = random_overlap(counts, perms)
         ring_overlap = random_overlap(counts, ring_orders(n, (h, w), draws, seed))  # shared by psi, as ``overlap``
+        no_target = counts.sum(-1) == 0  # every mask has IoU 0 with an empty target: NaN, not a (0, 0) pair
         for psi, m in masks.items():
-            empty = ~m.any(-1)  # no IoU for an empty attention mask: NaN, not a (0, 0) pair
+            empty = ~m.any(-1) | no_target  # no IoU for an empty attention mask either
             add(name, "iou_attention", psi, np.where(empty, np.nan, iou_from_counts(m, counts, area)))
             add(name, "iou_random", psi, np.where(empty, np.nan, random_iou(m.sum(-1), counts, area, overlap)))
-            add(name, "iou_random_position", psi, position_random_iou(m, counts, area, (h, w), ring_overlap))
+            add(name, "iou_random_position", psi,
+                np.where(empty, np.nan, position_random_iou(m, counts, area, (h, w), ring_overlap)))
             add(name, "mask_area", psi, m.mean(-1))
         labels = token_labels(pix, (h, w), min_fraction)
         add(name, "auroc", np.nan, auroc(scores, labels))

@@ -32,9 +32,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     # centred 2-D frequency plane (u, v), averaged over images.
     "frequency_surface": ("run", "model", "layer", "patch", "psi", "source", "step", "u", "v", "pct_diff"),
     # Study 3 (Exp. C): per image; target: object / texture; measure: iou_attention, iou_random (mean over
-    # draws; NaN with an empty attention mask), iou_random_position (within-ring permutations), auroc, auroc_ring,
-    # pointbiserial_r, mask_area. mode: scenes (forward-noised dataset scenes, exact masks) or samples
-    # (generated images, masks from the domain segmenter).
+    # draws), iou_random_position (within-ring permutations) (the IoUs: NaN with an empty attention or target
+    # mask), auroc, auroc_ring, pointbiserial_r, mask_area. mode: scenes (forward-noised dataset scenes, exact
+    # masks) or samples (generated images, masks from the domain segmenter).
     "object_correlation": ("run", "model", "layer", "patch", "psi", "mode", "t", "seed", "target", "measure",
                            "value"),
     # Exp. B and Exp. C per attention head (analysis.heads; runs captured with received_heads, conf/capture/heads.yaml):
