@@ -2,6 +2,7 @@
 
     python -m experiments.studies run_dir=outputs/capture/<stamp>     # analyse a capture run
     python -m experiments.studies seeds=0-63 steps=20                 # run_dir=null: capture first
+    python -m experiments.studies run_dir=<run> studies=[timesteps,frequency]   # no Exp. C: its inputs are not read
     python -m experiments.studies run_dir=<run> correlation_modes=[samples] object_masks=files object_masks_dir=<dir>
                                                                       # Exp. C with your own masks (any model)
     python -m experiments.studies run_dir=<run> correlation_modes=[samples] object_masks=segmentation \
@@ -49,6 +50,13 @@ def check_before_capture(cfg: DictConfig, run_dir: Path, studies, modes, masks) 
         check_loads(masks.segmentation)  # the segmentation model loads (it runs after the capture)
 
 
+def exp_c_only(overrides: list[str]) -> list[str]:
+    """The command-line overrides (Hydra's task overrides) of keys only Exp. C reads: object_masks*,
+    correlation_modes and scenes.* (values an experiment overlay sets are defaults, not inputs: not listed)."""
+    keys = [(o, o.lstrip("+~").split("=", 1)[0].split(".")[0]) for o in overrides]
+    return [o for o, k in keys if k.startswith("object_masks") or k in ("correlation_modes", "scenes")]
+
+
 def plain(node) -> dict:
     """A config section as a plain dict (interpolations resolved)."""
     return OmegaConf.to_container(node, resolve=True)
@@ -66,8 +74,13 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         settings = Settings(**plain(cfg.analysis))
         studies, modes = check_studies(cfg.studies, cfg.correlation_modes)
-        scenes, claims = ScenesSettings(**plain(cfg.scenes)), ClaimsSettings(**plain(cfg.claims))
-        masks = ObjectMasks.parse(cfg.object_masks, cfg.object_masks_dir, segmentation(cfg), word_masks(cfg))
+        claims, exp_c = ClaimsSettings(**plain(cfg.claims)), "correlation" in studies
+        if not exp_c and (given := exp_c_only(list(HydraConfig.get().overrides.task))):
+            raise SagConfigError(f"{given[0]} is only used by the correlation study (Exp. C); add correlation to "
+                                 "studies or drop it")
+        scenes = ScenesSettings(**plain(cfg.scenes)) if exp_c else None  # read and checked only for Exp. C
+        masks = ObjectMasks.parse(cfg.object_masks, cfg.object_masks_dir, segmentation(cfg),
+                                  word_masks(cfg)) if exp_c else None
         if cfg.run_dir is None:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             check_before_capture(cfg, run_dir, studies, modes, masks)
