@@ -3,7 +3,8 @@ figures read them: one loader, one value convention.
 
 * :func:`load_images` — (seeds, (n, C, H, W) float32 in [-1, 1]), the array the studies analyse;
 * :func:`sample_seeds` — the seeds a run dir has an image for;
-* :func:`from_uint8` — the value convention, (n, H, W, C) uint8 -> (n, C, H, W) float32 in [-1, 1];
+* :func:`from_uint8` — the value convention, (n, H, W, C) uint8 -> (n, C, H, W) float32 in [-1, 1]
+  (:func:`sag.pixels.from_uint8`, re-exported: ``sag``'s reference sets use the same one);
 * :func:`to_uint8` — its inverse for display, (n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8, exact on
   loaded images (x / 127.5 - 1 in float32 rounds back to x).
 """
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from sag.errors import SagConfigError
+from sag.pixels import from_uint8  # the value convention's owner, re-exported: the studies' images
 
 
 def _paths(run_dir: str | Path) -> dict[int, Path]:
@@ -38,13 +40,6 @@ def load_images(run_dir: str | Path, seeds: list[int] | None = None) -> tuple[li
     if not found or lost:
         raise SagConfigError(f"{Path(run_dir) / 'samples'}: no image for seeds {lost or 'any'}")
     return seeds, from_uint8(np.stack([np.asarray(Image.open(found[s])) for s in seeds]))
-
-
-def from_uint8(images: np.ndarray) -> np.ndarray:
-    """(n, H, W[, C]) uint8 pixels -> (n, C, H, W) float32 in [-1, 1] (x / 127.5 - 1): the studies' images."""
-    arr = np.asarray(images).astype(np.float32) / 127.5 - 1
-    arr = arr[..., None] if arr.ndim == 3 else arr
-    return arr.transpose(0, 3, 1, 2)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

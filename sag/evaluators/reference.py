@@ -13,8 +13,8 @@
 * no ``reference``: :func:`domain_reference`, ``count`` held-out scenes of the model's shipped domain (only for a
   model that declares one: the caller checks with :func:`sag.domains.require_domain`).
 
-Values: (n, 3, H, W) float32 in [-1, 1], ``x / 127.5 - 1`` of the uint8 pixels (the convention of
-:func:`analysis.images.from_uint8`; :func:`sag.runs.to_uint8` inverts it exactly), the same as generated images.
+Values: (n, 3, H, W) float32 in [-1, 1], ``x / 127.5 - 1`` of the uint8 pixels (:func:`sag.pixels.from_uint8`, the
+studies' convention too; :func:`sag.runs.to_uint8` inverts it exactly), the same as generated images.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from sag.errors import SagConfigError
+from sag.pixels import from_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NPZ_STATS = ("mu", "sigma", "mu_s", "sigma_s")  # guided-diffusion's precomputed statistics (evaluator.py)
@@ -73,8 +74,8 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _as_float(pixels: np.ndarray) -> Tensor:
-    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1)."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1, :func:`sag.pixels.from_uint8`)."""
+    return torch.from_numpy(from_uint8(pixels))
 
 
 def _take(paths_or_arrays: list, count: int | None, where: str) -> list:
