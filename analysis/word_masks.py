@@ -51,7 +51,7 @@ class WordMaskSpec:
         without word maps or without one of :attr:`words`, and for seeds the maps lack."""
         if run_dir is None or not (Path(run_dir) / "word_maps").is_dir():
             raise SagConfigError(f"object_masks=cross_attention: run {run_dir} has no word maps (word_maps/: "
-                                 f"captured without them, or merged from shards); accepted: a run captured with "
+                                 f"captured without them); accepted: a run captured with "
                                  f"{RECORD} (text models)")
         stored = read_word_maps(run_dir)
         if missing := [w for w in self.words if w not in stored.labels]:

@@ -6,11 +6,11 @@ the first ones get the extra seed) and every seed is in exactly one shard. More 
 runs behind.
 
 :func:`merge_runs` joins complete shard runs into one run dir laid out like a single run: sample batches and
-record shards are renumbered globally (part k's batch b becomes batch ``offset_k + b``, where ``offset_k`` is
-the number of batches of the parts before it), so when the batch size divides every shard the merged dir
-equals a single run of all seeds (samples, PNGs, grid, record tensors and index) bit for bit, given the same
-device and thread count (others change float rounding, ~1e-5 on this CPU). It refuses
-incomplete shards, shards of different configurations, and duplicate, missing or foreign seeds.
+record shards (and the ``capture.word_maps`` files, :mod:`sag.word_maps`) are renumbered globally (part k's batch b
+becomes batch ``offset_k + b``, where ``offset_k`` is the number of batches of the parts before it), so when the
+batch size divides every shard the merged dir equals a single run of all seeds (samples, PNGs, grid, record tensors
+and index, word maps) bit for bit, given the same device and thread count (others change float rounding, ~1e-5 on
+this CPU). It refuses incomplete shards, shards of different configurations, and duplicate, missing or foreign seeds.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def _config_view(manifest: dict) -> dict:
         view["scheduler_config"] = dict(sc, _use_default_values=sorted(sc["_use_default_values"]))
     if isinstance(view.get("config"), dict):
         view["config"] = {k: v for k, v in view["config"].items() if k != "shard"}
+    if isinstance(view.get("word_maps"), dict):  # capture.word_maps: the columns are per seed (merged), labels agree
+        view["word_maps"] = view["word_maps"].get("labels")
     return view
 
 
@@ -186,6 +188,7 @@ def _merged_info(info: dict, seeds: list[int]) -> dict:
 def _prepare_out(out: Path, sources: list[str]) -> dict | None:
     """The finished manifest if ``out`` already holds this merge; refuse an out dir holding anything else."""
     from sag.runs import RUN_FILE
+    from sag.word_maps import WORD_MAPS_DIR
 
     manifest = _read_manifest(out) if (out / RUN_FILE).exists() else None
     if manifest is not None and manifest.get("merged_from") == sources:
@@ -196,7 +199,7 @@ def _prepare_out(out: Path, sources: list[str]) -> dict | None:
     if out.is_dir() and any(out.iterdir()):
         if not (out / MERGING).is_file():
             raise SagConfigError(f"out={str(out)!r} is not empty; accepted: a new or empty dir")
-        for sub in ("samples", "records", "tables"):  # an interrupted merge: redo it from scratch
+        for sub in ("samples", "records", "tables", WORD_MAPS_DIR):  # an interrupted merge: redo it from scratch
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MERGING, json.dumps(sources))
@@ -376,6 +379,12 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seeds: st
         return done
     _copy_samples(plan, out / "samples")
     manifest = _merged_info(plan.manifests[0], plan.all_seeds)
+    if manifest.get("word_maps"):  # capture.word_maps: the maps renumbered as the batches, the columns joined
+        from sag.word_maps import copy_batches, merge_columns
+
+        for p, bs, off in zip(plan.parts, plan.batches, plan.offsets):
+            copy_batches(p, out, [(bi, ss) for bi, _, ss in bs], off)
+        manifest["word_maps"] = merge_columns([m["word_maps"] for m in plan.manifests], plan.all_seeds)
     if plan.readers:
         manifest["record_rows"] = _copy_records(plan, out / "records")
     _concat_tables(plan, out)

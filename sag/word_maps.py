@@ -30,6 +30,7 @@ the same maps. Format (this module owns it): ``<run>/word_maps/batch-<bi>.npz`` 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -305,13 +306,44 @@ class WordMapRecorder:
         maps = aggregate(self.sums, self.columns.weights(seeds), size)
         info = {"format": FORMAT, "layers": sorted(self.sums), "iterations": self.done,
                 "columns": {str(int(s)): [list(c) for c in self.columns.columns[int(s)]] for s in seeds}}
-        path = self.out_dir / f"batch-{batch_index:05d}.npz"
+        path = batch_file(self.out_dir, batch_index)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an open file: np.savez would append .npz to a name
             np.savez(f, seeds=np.asarray([int(s) for s in seeds], np.int64), maps=maps.numpy().astype(np.float32),
                      labels=np.asarray(self.columns.labels), info=np.asarray(json.dumps(info)))
         self.batch, self.sums, self.done = None, {}, 0
         return path
+
+
+def batch_file(word_maps_dir: str | Path, batch_index: int) -> Path:
+    """Where the word maps of sample batch ``batch_index`` are stored (the batch index of ``samples/``)."""
+    return Path(word_maps_dir) / f"batch-{batch_index:05d}.npz"
+
+
+def copy_batches(src_run: str | Path, out_run: str | Path, batches: Sequence[tuple[int, Sequence[int]]],
+                 offset: int) -> None:
+    """Copy the word maps of ``src_run``'s sample ``batches`` ((batch index, seeds) each) into ``out_run`` as batches
+    ``offset + index``, as :func:`sag.shards.merge_runs` renumbers the samples and records; a one-line
+    SagConfigError when a batch's file is missing or holds other seeds (a damaged run)."""
+    for bi, seeds in batches:
+        src, dst = batch_file(Path(src_run) / WORD_MAPS_DIR, bi), batch_file(Path(out_run) / WORD_MAPS_DIR, offset + bi)
+        stored = None
+        if src.is_file():
+            with np.load(src) as z:
+                stored = [int(s) for s in z["seeds"]]
+        if stored != [int(s) for s in seeds]:
+            raise SagConfigError(f"{src}: word maps {'missing' if stored is None else f'of seeds {stored}'} for sample "
+                                 f"batch {bi} of seeds {[int(s) for s in seeds]}; the run is damaged")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def merge_columns(described: Sequence[dict], seeds: Sequence[int]) -> dict:
+    """The run.json ``word_maps`` entry of a run merged from shards: the parts' entries (:meth:`WordColumns.describe`,
+    one label list, each part's seeds) joined, every seed's columns in ``seeds`` order."""
+    columns = {k: v for d in described for k, v in d["columns"].items()}
+    return {"labels": described[0]["labels"], "columns": {str(int(s)): columns[str(int(s))] for s in seeds}}
 
 
 def recorder_for_run(model, out: str | Path, capture, columns: WordColumns | None, state_dir: str | Path
