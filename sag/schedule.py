@@ -36,6 +36,11 @@ def per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape((like.shape[0],) + (1,) * (like.ndim - 1))
 
 
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+
+
 class VPCoefficients(NamedTuple):
     """x_t = sqrt_ab * x_0 + sqrt_one_minus_ab * eps (DDPM Eq. 4), each shaped (b, 1, ..., 1)."""
 
@@ -96,38 +101,34 @@ class VPSchedule:
 
     # --- conversions ----------------------------------------------------------------------------------
     # With a = sqrt_ab, b = sqrt_one_minus_ab: x_t = a x0 + b eps and v = a eps - b x0 (Salimans & Ho 2022).
+    # The schedule lookups run only where the formula needs them (an identity conversion costs nothing).
     def to_x0(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
         """x0 estimate. eps: (x_t - b eps) / a;  v: a x_t - b v."""
+        _check_prediction_type(prediction_type)
+        if prediction_type == "sample":
+            return pred
         sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x_t)
         if prediction_type == "epsilon":
             return (x_t - sqrt_one_minus_ab * pred) / sqrt_ab
-        if prediction_type == "v_prediction":
-            return sqrt_ab * x_t - sqrt_one_minus_ab * pred
-        if prediction_type == "sample":
-            return pred
-        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+        return sqrt_ab * x_t - sqrt_one_minus_ab * pred
 
     def to_eps(self, pred: Tensor, x_t: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
         """eps estimate. v: b x_t + a v;  x0: (x_t - a x0) / b."""
-        sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x_t)
+        _check_prediction_type(prediction_type)
         if prediction_type == "epsilon":
             return pred
+        sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x_t)
         if prediction_type == "v_prediction":
             return sqrt_one_minus_ab * x_t + sqrt_ab * pred
-        if prediction_type == "sample":
-            return (x_t - sqrt_ab * pred) / sqrt_one_minus_ab
-        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+        return (x_t - sqrt_ab * pred) / sqrt_one_minus_ab
 
     def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor | float, prediction_type: str) -> Tensor:
         """The prediction of type ``prediction_type`` that corresponds to (x0, eps) at t."""
+        _check_prediction_type(prediction_type)
+        if prediction_type in ("epsilon", "sample"):
+            return eps if prediction_type == "epsilon" else x0
         sqrt_ab, sqrt_one_minus_ab = self.coefficients(t, x0)
-        if prediction_type == "epsilon":
-            return eps
-        if prediction_type == "v_prediction":
-            return sqrt_ab * eps - sqrt_one_minus_ab * x0
-        if prediction_type == "sample":
-            return x0
-        raise ValueError(f"prediction_type {prediction_type!r}; accepted: {PREDICTION_TYPES}")
+        return sqrt_ab * eps - sqrt_one_minus_ab * x0
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
         """q(x_t | x_0) with a given noise: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (DDPM Eq. 4)."""
