@@ -12,7 +12,6 @@ layer itself, or from the nearest enclosing module whose (B, C, H, W) input hold
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,16 +26,16 @@ from sag.capture_joint import JOINT_PROCESSORS, JointRecordingProcessor, recordi
 from sag.errors import SagConfigError
 from sag.reductions import (
     DEFAULT_CHUNK_BYTES,
-    LSE_REDUCTIONS,
     REDUCTIONS,
     ChunkedReduction,
     Workspace,
     attention_with_lse,
     query_chunk,
-    reduce_from_lse,
     reduce_probs,
 )
 from sag.regroup import QKV_LAYOUTS, check_map_heads, regrouped_probs, regrouped_qk
+from sag.spill import FullSpill
+from sag.token_grid import GridTracker
 
 __all__ = ["QKV_LAYOUTS", "REDUCTIONS", "AttentionRecord", "AttentionStore", "CaptureSpec", "capture_attention",
            "check_map_heads", "reduce_probs", "regrouped_probs"]
@@ -56,7 +55,7 @@ class CaptureSpec:
     record_x0: bool = True  # also store the x0 estimate of every step
     exact: bool = True  # layer outputs bit-identical to uncaptured runs (see RecordingProcessor)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory budget of one chunk of probabilities (sag.reductions)
-    lse_maps: bool = False  # True: maps from the attention kernel's log-sum-exp where it gives one (faster)
+    lse_maps: bool = True  # maps from the attention kernel's log-sum-exp where it gives one; False: explicit softmax
     word_maps: list[str | int] | None = None  # prompt words' cross-attention maps (DAAM; sag.word_maps), or None
 
     def __post_init__(self) -> None:
@@ -92,12 +91,12 @@ class AttentionRecord:
 
 
 class AttentionStore:
-    """Collects :class:`AttentionRecord`s; ``pop()`` hands them over and clears, so memory stays flat
-    when the consumer pops once per sampler step."""
+    """Collects :class:`AttentionRecord`s; ``pop()`` hands them over and clears, so memory stays flat when the consumer
+    pops once per sampler step. ``spill``: ``full`` records go to its files, not memory (:mod:`sag.spill`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spill: FullSpill | None = None) -> None:
         self.records: list[AttentionRecord] = []
-        self.call = -1
+        self.call, self.spill = -1, spill
 
     def begin_call(self) -> None:
         self.call += 1
@@ -117,67 +116,19 @@ class _Sink:
     rows: int | None = None  # record the first `rows` images of each call only (None: all)
 
 
-class GridTracker:
-    """Remembers the spatial size of the latest 4-D input of the ancestors of the captured layers."""
-
-    def __init__(self, net: nn.Module, layer_names: Iterable[str]):
-        self.ancestors: dict[str, list[str]] = {}
-        self.hw: dict[str, tuple[int, int]] = {}
-        self.handles = []
-        hooked: set[str] = set()
-        for name in layer_names:
-            parts = name.split(".")
-            chain = [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]  # nearest first, root ""
-            self.ancestors[name] = chain
-            for anc in chain:
-                if anc not in hooked:
-                    hooked.add(anc)
-                    self.handles.append(
-                        net.get_submodule(anc).register_forward_pre_hook(self._hook(anc), with_kwargs=True)
-                    )
-
-    def _hook(self, anc: str):
-        def hook(_module, args, kwargs):
-            for v in list(args) + list(kwargs.values()):
-                if isinstance(v, Tensor) and v.ndim == 4:
-                    self.hw[anc] = (int(v.shape[-2]), int(v.shape[-1]))
-                    return
-
-        return hook
-
-    def resolve(self, name: str, tokens: int) -> tuple[int, int]:
-        for anc in self.ancestors[name]:
-            if anc not in self.hw:
-                continue
-            hh, ww = self.hw[anc]
-            if hh * ww == tokens:
-                return hh, ww
-            ratio = hh * ww / tokens
-            r = int(round(math.sqrt(ratio)))
-            if r > 1 and r * r * tokens == hh * ww and hh % r == 0 and ww % r == 0:
-                return hh // r, ww // r  # patchified (e.g. DiT with patch size r)
-        raise RuntimeError(f"cannot find the token grid of layer {name!r}: {tokens} tokens and no enclosing "
-                           "module saw a (B, C, H, W) input that holds them")
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 class RecordingProcessor:
     """``AttnProcessor2_0`` plus the recording of attention maps (see module docstring).
 
     ``exact=True`` computes the layer output with the kernel ``AttnProcessor2_0``'s SDPA call runs (bit-identical
     outputs, so captured samples equal uncaptured ones). Where that kernel also returns the row log-sum-exp
-    (:func:`sag.reductions.attention_with_lse`: PyTorch's CPU flash kernel) and ``lse_maps`` is on, the maps come
-    from it: received and row_entropy by two more fused passes without any (q, k) tensor
-    (:func:`sag.reductions.reduce_from_lse`), the other reductions from exp(q k^T / sqrt(d) - lse), one pass fewer
-    than a softmax; all equal to the explicit softmax's up to float32 rounding (~1e-6). Otherwise (``lse_maps``
-    off, or another kernel) the probabilities are an explicit softmax, bit-identical to the whole-tensor softmax
-    where one chunk covers the layer. ``exact=False`` uses the log-sum-exp wherever the kernel gives it, and
-    elsewhere one explicit attention for both the maps and the output (probs @ v, equal to SDPA's up to float
-    rounding, ~1e-6). Probabilities are formed in query chunks of at most ``chunk_bytes`` (:mod:`sag.reductions`)
-    in the buffers of ``workspace``.
+    (:func:`sag.reductions.attention_with_lse`: PyTorch's CPU flash kernel) and ``lse_maps`` is on (the default), the
+    probabilities of each chunk are exp(q k^T / sqrt(d) - lse): no max, sum and divide passes, and row_entropy takes log
+    p = q k^T / sqrt(d) - lse as it is, with no log pass. These maps equal the explicit softmax's up to float32 rounding
+    of the scores (about |score| x 2^-24 relative; ~1e-6 on the embedded model). Otherwise (``lse_maps`` off, or another
+    kernel) the probabilities are an explicit softmax, bit-identical to the whole-tensor softmax where one chunk covers
+    the layer. ``exact=False`` uses the log-sum-exp wherever the kernel gives it, and elsewhere one explicit attention
+    for both the maps and the output (probs @ v, equal to SDPA's up to float rounding, ~1e-6). Probabilities are formed
+    in query chunks of at most ``chunk_bytes`` (:mod:`sag.reductions`) in the buffers of ``workspace``.
     """
 
     def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, exact: bool = True,
@@ -185,28 +136,35 @@ class RecordingProcessor:
         self.name, self.sinks, self.tracker, self.exact, self.lse_maps = name, sinks, tracker, exact, lse_maps
         self.chunk_bytes, self.workspace = chunk_bytes, workspace if workspace is not None else Workspace()
 
-    def _own_probs(self, query: Tensor, key: Tensor, mask: Tensor | None, lse: Tensor | None):
-        """(heads, f) with f(q0, q1) -> the layer's probabilities (rows, heads, q1 - q0, k) of queries q0..q1-1,
-        written into the workspace. q, k: (rows, heads, tokens, d); ``lse`` (rows, heads, q) or None."""
+    def _own_probs(self, query: Tensor, key: Tensor, mask: Tensor | None, lse: Tensor | None, keep_log: bool):
+        """(buffers, f) with f(q0, q1) -> (the layer's probabilities (rows, heads, q1 - q0, k) of queries q0..q1-1,
+        their log or None), written into the workspace; ``buffers``: (q, k) planes held per image, for the chunk
+        budget. q, k: (rows, heads, tokens, d); ``lse`` (rows, heads, q) or None; ``keep_log``: also return log p
+        where it comes free (the log-sum-exp path)."""
         rows, heads, n_q, d = query.shape
         n_k, ws = key.shape[2], self.workspace
         # scale q (b, heads, q, d) rather than the (q, k) scores: same math, fewer multiplies
         q, kt = query.float() * d**-0.5, key.float().transpose(-1, -2)
         if lse is not None:  # exp(s - lse): rows of softmax(s) without its max and sum passes
             q3, k3 = q.reshape(rows * heads, n_q, d), kt.reshape(rows * heads, d, n_k)
-            neg = lse.reshape(rows * heads, n_q, 1).neg()
+            neg = lse.reshape(rows * heads, n_q, 1).float().neg()  # float64 models: the kernel's lse is float64
 
-            def from_lse(q0: int, q1: int) -> Tensor:
-                buf = ws.get("own", (rows * heads, q1 - q0, n_k), q.device)
-                return torch.baddbmm(neg[:, q0:q1], q3[:, q0:q1], k3, out=buf).exp_().view(rows, heads, -1, n_k)
-            return heads, from_lse
+            def from_lse(q0: int, q1: int) -> tuple[Tensor, Tensor | None]:
+                shape = (rows * heads, q1 - q0, n_k)
+                logp = torch.baddbmm(neg[:, q0:q1], q3[:, q0:q1], k3, out=ws.get("own_log" if keep_log else "own",
+                                                                                  shape, q.device))
+                if not keep_log:
+                    return logp.exp_().view(rows, heads, -1, n_k), None
+                p = torch.exp(logp, out=ws.get("own", shape, q.device))
+                return p.view(rows, heads, -1, n_k), logp.view(rows, heads, -1, n_k)
+            return heads * (2 if keep_log else 1), from_lse
         mask = None if mask is None else mask[:rows].float()
 
         def by_softmax(q0: int, q1: int) -> Tensor:
             s = torch.matmul(q[:, :, q0:q1], kt, out=ws.get("own", (rows, heads, q1 - q0, n_k), q.device))
             if mask is not None:
                 s.add_(mask if mask.shape[-2] == 1 else mask[:, :, q0:q1])
-            return torch._softmax(s, -1, False, out=s)  # in place: the same kernel as .softmax(-1)
+            return torch._softmax(s, -1, False, out=s), None  # in place: the same kernel as .softmax(-1)
         return heads, by_softmax
 
     def _regrouped_probs(self, qkv: tuple[Tensor, Tensor, Tensor], rows: int, heads: int, how: tuple[int, str]):
@@ -216,7 +174,7 @@ class RecordingProcessor:
 
         def make(q0: int, q1: int) -> Tensor:
             s = torch.matmul(q[:, :, q0:q1], kt, out=ws.get(how, (rows, how[0], q1 - q0, kt.shape[-1]), q.device))
-            return torch._softmax(s, -1, False, out=s)
+            return torch._softmax(s, -1, False, out=s), None
         return how[0], make
 
     @torch.no_grad()
@@ -235,33 +193,30 @@ class RecordingProcessor:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                  is_causal=False)
         sinks = self.sinks
-        if lse is not None:  # received / row_entropy of the layer's heads by fused passes, no (q, k) tensor at all
-            fused = [s for s in sinks if s.map_heads is None and set(s.reductions) <= set(LSE_REDUCTIONS)]
-            for s in fused:
-                n = b if s.rows is None else min(s.rows, b)
-                data = reduce_from_lse(query[:n], key[:n], lse[:n], grid, cross, s.reductions)
-                s.store.records.append(AttentionRecord(self.name, s.store.call, grid, cross, data))
-            sinks = [s for s in sinks if s not in fused]
-            if not sinks:
-                return out
+        entropy = any("row_entropy" in s.reductions for s in sinks)
         makers = {}
         if explicit or any(s.map_heads is None for s in sinks):
             makers[None] = self._own_probs(query[:rows], key[:rows], attention_mask,
-                                           None if lse is None else lse[:rows])
+                                           None if lse is None else lse[:rows], entropy)
         for how in {(s.map_heads, s.qkv_layout) for s in sinks if s.map_heads is not None}:
             makers[how] = self._regrouped_probs(qkv, rows, heads, how)
-        # every maker's chunk lives at once (one workspace slot each): the budget covers their sum, float32
-        chunk = query_chunk(rows * key.shape[2] * 4 * sum(n for n, _ in makers.values()), n_q, self.chunk_bytes)
-        reducers = [ChunkedReduction(s.reductions, grid, cross, s.query_stride) for s in sinks]
+        # every maker's chunk lives at once (one workspace slot each), plus the row-entropy buffer of the largest:
+        # the budget covers their sum, float32
+        planes = sum(n for n, _ in makers.values()) + (max(n for n, _ in makers.values()) if entropy else 0)
+        chunk = query_chunk(rows * key.shape[2] * 4 * planes, n_q, self.chunk_bytes)
+        reducers = [ChunkedReduction(s.reductions, grid, cross, s.query_stride, self.workspace, s.store.spill)
+                    for s in sinks]
         outs = []
         for q0 in range(0, n_q, chunk):
             q1 = min(n_q, q0 + chunk)
             probs = {how: make(q0, q1) for how, (_, make) in makers.items()}
             if explicit:
-                outs.append(torch.matmul(probs[None].to(value.dtype), value))
+                outs.append(torch.matmul(probs[None][0].to(value.dtype), value))
             for sink, red in zip(sinks, reducers, strict=True):
-                p = probs[None if sink.map_heads is None else (sink.map_heads, sink.qkv_layout)]
-                red.add(p if sink.rows is None or sink.rows >= rows else p[:sink.rows], q0)
+                p, logp = probs[None if sink.map_heads is None else (sink.map_heads, sink.qkv_layout)]
+                if sink.rows is not None and sink.rows < rows:
+                    p, logp = p[:sink.rows], None if logp is None else logp[:sink.rows]
+                red.add(p, q0, logp)
         for sink, red in zip(sinks, reducers, strict=True):
             sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, red.result()))
         return torch.cat(outs, 2) if explicit else out
@@ -354,7 +309,7 @@ def capture_attention(
     qkv_layout: str = "legacy",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     rows: int | None = None,
-    lse_maps: bool = False,
+    lse_maps: bool = True,
 ) -> Iterator[AttentionStore]:
     """Record the attention of the layers matching ``layers`` while the block runs.
 
@@ -362,11 +317,12 @@ def capture_attention(
     ...     unet(x, t)
     ...     maps = store.pop()   # one AttentionRecord per layer and call
 
-    ``exact`` and ``lse_maps`` (True: maps from the kernel's log-sum-exp, faster; False: explicit softmax, the maps
-    of earlier versions bit for bit): :class:`RecordingProcessor`. ``map_heads=n`` records the official SAG code's
-    n pseudo-head probabilities (:func:`regrouped_probs`, ``qkv_layout`` in ``QKV_LAYOUTS``) instead of the layer's
-    heads; the output stays the layer's own. ``chunk_bytes`` bounds one chunk of probabilities (float32 bytes,
-    :mod:`sag.reductions`). ``rows=n`` records the first n images of every call only (SAG under CFG)."""
+    ``exact`` and ``lse_maps`` (True, the default: maps from the kernel's log-sum-exp where it gives one, equal to the
+    softmax maps to float32 rounding and cheaper; False: explicit softmax, the maps of earlier versions bit for
+    bit): :class:`RecordingProcessor`. ``map_heads=n`` records the official SAG code's n pseudo-head probabilities
+    (:func:`regrouped_probs`, ``qkv_layout`` in ``QKV_LAYOUTS``) instead of the layer's heads; the output stays the
+    layer's own. ``chunk_bytes`` bounds one chunk of probabilities (float32 bytes, :mod:`sag.reductions`). ``rows=n``
+    records the first n images of every call only (SAG under CFG)."""
     reductions = tuple(reductions)
     _check_args(reductions, query_stride, chunk_bytes, rows, qkv_layout)
     names = _layer_names(net, layers, include_cross)

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sag.capture import AttentionRecord
@@ -35,7 +34,7 @@ from sag.errors import SagConfigError
 from sag.io import atomic_path, atomic_write_bytes
 
 __all__ = ["FORMAT", "VERSION", "INDEX_COLUMNS", "RecordsError", "RecordWriter", "RecordReader", "RecordArrays",
-           "atomic_write_bytes", "build_index", "copy_shard", "shard_name"]
+           "atomic_write_bytes", "build_index", "copy_shard", "shard_name", "write_safetensors"]
 
 FORMAT = "sag-lab-records"
 VERSION = 1
@@ -52,6 +51,44 @@ class RecordsError(RuntimeError):
 def shard_name(batch_index: int, step: int) -> str:
     """File name of the shard of sample batch ``batch_index`` at sampler step ``step``."""
     return f"b{batch_index:05d}-s{step:04d}.safetensors"
+
+
+# safetensors dtype codes, and the rank of each in its ``Dtype`` enum: ``save_file`` writes the tensors by rank,
+# highest first, then by name (safetensors 0.8 ``tensor.rs`` ``prepare``; tests/test_full_spill.py pins the bytes)
+_ST_CODES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+_ST_RANK = {code: i for i, code in enumerate(_ST_CODES.values())}
+PIECE_BYTES = 1 << 26  # 64 MiB: the largest slice of a tensor copied to the file at once
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (contiguous CPU tensors) to ``path`` as a safetensors file, streaming: u64 little-endian
+    header length, the JSON header (dtype code, shape and data_offsets of each tensor, ``__metadata__``) padded with
+    spaces to a multiple of 8 bytes, then each tensor's bytes in slices of at most ``PIECE_BYTES``. A tensor backed by
+    a file (:mod:`sag.spill`) is thus copied disk to disk through a bounded buffer. Tensors in ``save_file``'s order
+    (dtype rank, then name), so the bytes equal its output up to the order of the metadata keys, which
+    ``save_file`` leaves to a hash map."""
+    for k, x in tensors.items():
+        if x.dtype not in _ST_CODES or x.device.type != "cpu" or not x.is_contiguous():
+            raise SagConfigError(f"record {k!r}: a {x.dtype} tensor on {x.device} (contiguous={x.is_contiguous()}) "
+                                 f"cannot be written; accepted: contiguous CPU tensors of {list(_ST_CODES.values())}")
+    order = sorted(tensors, key=lambda k: (-_ST_RANK[_ST_CODES[tensors[k].dtype]], k))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for k in order:
+        x = tensors[k]
+        n = x.numel() * x.element_size()
+        header[k] = {"dtype": _ST_CODES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # serde_json: compact UTF-8
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in order:
+            flat = tensors[k].reshape(-1).view(torch.uint8)  # its bytes, little-endian like safetensors (no copy)
+            for i in range(0, flat.numel(), PIECE_BYTES):
+                f.write(memoryview(flat[i:i + PIECE_BYTES].numpy()))
 
 
 class RecordWriter:
@@ -94,7 +131,7 @@ class RecordWriter:
                 "t": [float(v) for v in t.flatten()], "seeds": [int(s) for s in seeds], "entries": entries}
         path = self.shards / shard_name(batch_index, step)
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "info": json.dumps(info)})
+            write_safetensors(tmp, tensors, {"format": FORMAT, "version": str(VERSION), "info": json.dumps(info)})
         return path
 
     def close(self) -> pd.DataFrame:

@@ -32,10 +32,12 @@ from sag.records import RecordWriter
 from sag.sampling import StepInfo, sample
 from sag.seeds import format_seeds
 from sag.sizes import check_size
+from sag.spill import FullSpill
 from sag.word_maps import WordColumns, recorder_for_run
 
 RUN_FILE = "run.json"
 STATE_DIR = ".state"  # sampler checkpoints and the run's resume key; removed when the run completes
+SPILL_DIR = ".spill"  # under records/: capture=full's probabilities on their way to a shard (sag.spill)
 RUN_FORMAT_VERSION = 1
 
 
@@ -106,7 +108,9 @@ class _RunOutputs:
         self.model, self.samples_dir, self.capture, self.step_extras = model, out / "samples", capture, step_extras
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         self.writer = RecordWriter(out / "records", capture.dtype, meta=info) if capture else None
-        self.store = AttentionStore()
+        # full: each chunk straight to a file, deleted once its shard is written; a new run clears leftovers
+        full = capture is not None and "full" in capture.reductions
+        self.store = AttentionStore(FullSpill(out / "records" / SPILL_DIR, capture.dtype) if full else None)
         self.words = recorder_for_run(model, out, capture, word_columns, out / STATE_DIR)  # capture.word_maps
 
     def attention(self):
@@ -124,6 +128,8 @@ class _RunOutputs:
         extras |= self.step_extras(s) if self.step_extras else {}  # e.g. the guidance's passes (sag.stages)
         self.writer.write_step(batch_index=s.batch_index, step=s.step, num_steps=s.num_steps, t=s.t,
                                seeds=s.seeds, records=records, extras=extras)
+        if self.store.spill is not None:
+            self.store.spill.clear()  # the step's full records are in its shard now
         if self.words is not None:
             self.words.on_step(s)
 

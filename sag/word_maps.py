@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from sag.capture import GridTracker
 from sag.errors import SagConfigError
 from sag.io import atomic_path
 from sag.reductions import DEFAULT_CHUNK_BYTES, query_chunk
+from sag.token_grid import GridTracker
 
 WORD_MAPS_DIR = "word_maps"
 FORMAT = "sag-lab-word-maps"

@@ -45,7 +45,7 @@ def _steps(model, reductions, **kw) -> list[dict]:
 def test_received_heads_is_the_per_head_sum_of_the_full_probabilities(tiny_pixel_cond):
     ref = _steps(tiny_pixel_cond, ["full", "received", "received_heads"])
     chunked = _steps(tiny_pixel_cond, ["received", "received_heads"], chunk_bytes=1 << 14)  # 1 query row per chunk
-    fused = _steps(tiny_pixel_cond, ["received", "received_heads"], lse_maps=True)  # no (q, k) tensor at all
+    fused = _steps(tiny_pixel_cond, ["received", "received_heads"], lse_maps=True)  # from the kernel's log-sum-exp
     layers = attention_layers(tiny_pixel_cond.net)
     assert len(ref) == 3 and all(set(step) == set(layers) for step in ref)  # every step, every self-attention layer
     for i, step in enumerate(ref):

@@ -146,7 +146,7 @@ class SelfAttentionGuidance(Guidance):
             # rows=b: under CFG only the unconditional half's map is used (Eq. 25), the rest is not computed;
             # lse_maps off (explicit softmax): masks (received > psi) bit-identical to earlier runs
             with capture_attention(self.model.net, self.layers, ["received"], store=self.store, rows=b,
-                                   map_heads=self.map_heads, qkv_layout=self.qkv_layout):
+                                   map_heads=self.map_heads, qkv_layout=self.qkv_layout, lse_maps=False):
                 out = self.inner(xx, tt, cc)
             records = [r for r in self.store.pop() if r.call == 0]
             self._warn_empty_mask(records)

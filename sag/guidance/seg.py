@@ -19,7 +19,7 @@ the mean for finite sigma and the blur for infinite sigma (the two branches swap
 do not use its hook. What we reuse is diffusers' hook machinery (``diffusers.hooks.HookRegistry``/``ModelHook``):
 a post-forward hook on each selected layer's ``to_q`` (the projection whose output is the query; the same place
 diffusers hooks), installed for one model call by :func:`sag.guidance.perturb.perturb_modules`. The grid (h, w)
-comes from the real hidden-state shape (:class:`sag.capture.GridTracker`), so non-square samples work; on a square
+comes from the real hidden-state shape (:class:`sag.token_grid.GridTracker`), so non-square samples work; on a square
 grid the blur is the authors' operation for operation.
 """
 
@@ -37,12 +37,12 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import Tensor, nn
 
 from sag.attention import select_layers
-from sag.capture import GridTracker
 from sag.errors import SagConfigError
 from sag.guidance.functions import gaussian_kernel1d
 from sag.guidance.pag import PerturbedGuidance
 from sag.guidance.perturb import perturb_modules
 from sag.models.base import DiffusionModel
+from sag.token_grid import GridTracker
 
 # SEG-SDXL pipeline_seg.py, SEGCFGSelfAttnProcessor(inf_blur_threshold=9999.0): blur_sigma > 9999 is infinite blur.
 INF_BLUR_THRESHOLD = 9999.0
