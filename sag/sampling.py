@@ -112,11 +112,10 @@ def sample(
     ``check_finite`` stops at the first NaN/Inf output with the step, t and seeds that produced it.
     ``step_options`` are keyword arguments of ``scheduler.step`` (e.g. ``eta``) on top of the model's conventions
     (``model.step_options``; :func:`sag.schedulers.step_kwargs`); one the step does not take is refused.
+    Trajectories run under ``torch.inference_mode`` (``torch.no_grad`` where the call ``needs_grad``: classifier
+    guidance, a plain function); the samples returned and given to ``on_batch_end`` are ordinary tensors.
     """
-    if steps <= 0:
-        raise SagConfigError(f"steps={steps}; accepted: a positive integer")
-    if batch_size <= 0:
-        raise SagConfigError(f"batch_size={batch_size}; accepted: a positive integer")
+    _check_counts(steps, batch_size)
     seeds = [int(s) for s in seeds]
     options = step_kwargs(scheduler, model, step_options)  # refuses an option the step does not take
     cond = _per_sample_cond(cond, len(seeds))
@@ -133,7 +132,7 @@ def sample(
             outputs.append(finished)
             bar.update(per_batch)
             continue
-        x = _sample_batch(model, guide, scheduler, steps, batch, size, callback, check_finite, bar, options)
+        x = _trajectory(model, guide, scheduler, steps, batch, size, callback, check_finite, bar, options)
         if on_batch_end is not None:
             on_batch_end(batch.index, batch.seeds, x)
         if batch.state_path is not None:  # only once the batch is saved
@@ -141,6 +140,21 @@ def sample(
         outputs.append(x)
     bar.close()
     return torch.cat(outputs)
+
+
+def _check_counts(steps: int, batch_size: int) -> None:
+    if steps <= 0:
+        raise SagConfigError(f"steps={steps}; accepted: a positive integer")
+    if batch_size <= 0:
+        raise SagConfigError(f"batch_size={batch_size}; accepted: a positive integer")
+
+
+def _trajectory(model: DiffusionModel, guide: GuidanceFn, *args) -> Tensor:
+    """:func:`_sample_batch` under ``torch.inference_mode`` (``torch.no_grad`` where the call ``needs_grad``), its
+    result cloned outside that mode: an ordinary tensor (in-place ops on an inference tensor raise)."""
+    with torch.no_grad() if guide.needs_grad else torch.inference_mode():
+        x = _sample_batch(model, guide, *args)
+    return x.clone()
 
 
 def _num_iterations(model: DiffusionModel, scheduler: SchedulerMixin, steps: int, size: tuple[int, int]) -> int:

@@ -98,6 +98,11 @@ class ClassifierGuidance(Guidance):
         """The official form returns the clipped-then-guided x0, which the scheduler must not clip again."""
         return (self.form == "official" and self.model.clip_denoised) or self.inner.clips_x0
 
+    @property
+    def needs_grad(self) -> bool:
+        """The classifier's gradient: never under ``torch.inference_mode``."""
+        return True
+
     def bind_scheduler(self, scheduler) -> None:
         """Keep the trajectory's scheduler: the official form reads a DDPM step's variance from it."""
         self.scheduler = scheduler
