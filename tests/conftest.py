@@ -32,3 +32,12 @@ def tiny_pixel_cond():
 @pytest.fixture(scope="session")
 def tiny_sd():
     return load_model("tiny_sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_main_job(tmp_path_factory):
+    """The tiny main job, run once per session (tests/main_job_run.py) and shared by test_main_job, test_evaluate_cli
+    and test_notebooks; tests must not write into its dirs (copy what they change)."""
+    from main_job_run import run_tiny_main
+
+    return run_tiny_main(tmp_path_factory.mktemp("main") / "main")

@@ -1,14 +1,15 @@
 """The guidance sweep (sag.sweep) behind experiments.evaluate / experiments.frontier: settings, call counting,
-bad input, and end to end (slow)."""
+bad input, and end to end (slow: on the session's tiny main job, whose evaluate and frontier stages are real
+``python -m experiments.evaluate`` / ``experiments.frontier`` child processes; tests/main_job_run.py)."""
 
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_helpers import cli
 from hydra import compose, initialize_config_dir
 
 from analysis.schemas import TABLES
@@ -32,6 +33,7 @@ from sag.sweep import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 TINY = ["debug=tiny", "model=tiny_pixel_cond", "seeds=0-5", "steps=2", "metrics.draws=20", "metrics.draws_fd=5"]
 
 
@@ -50,11 +52,6 @@ def _frontier(cfg, conditional):
 
 def _build(model, setting, gcfg):
     return build_setting(model, setting, **plain(gcfg))
-
-
-def _run(entry, out, *overrides):
-    return subprocess.run([sys.executable, "-m", f"experiments.{entry}", f"hydra.run.dir={out}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_settings_names_and_windows():
@@ -163,47 +160,52 @@ def test_differences_summary():
 
 
 @pytest.mark.slow
-def test_evaluate_end_to_end_and_resume(tmp_path):
-    out = tmp_path / "run"
-    args = TINY + ["sag_scales=[0,0.5]", "blur_scales=[0.5]", "combos=[sag_cg]", "family=[pag_cg]"]
-    res = _run("evaluate", out, *args)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert str(out / "tables" / "quality.parquet") in res.stdout and "Inception FID/IS skipped" in res.stdout
+def test_evaluate_end_to_end_and_resume(tiny_main_job, tmp_path, capsys):
+    """The main job's evaluate stage (a real ``python -m experiments.evaluate`` child; tests/main_job_run.py: seeds
+    0-5, 3 steps, sag and blur at s = 0 and 0.5, the default combos cfg, cg, sag_cfg, sag_cg, and family=[pag_cg])."""
+    out, stdout = tiny_main_job.out / "evaluate", tiny_main_job.stage_stdout("evaluate")
+    assert str(out / "tables" / "quality.parquet") in stdout and "Inception FID/IS skipped" in stdout
     df = read_table(out, "quality", TABLES["quality"])
-    assert set(df.guidance) == {"none", "sag", "blur", "sag_cg", "cg", "pag_cg"}  # CG alone beside pag_cg
+    # CG alone beside sag_cg and pag_cg
+    assert set(df.guidance) == {"none", "sag", "blur", "cfg", "cg", "sag_cfg", "sag_cg", "pag_cg"}
     assert set(df.metric) == {"fd", "precision", "recall", "is_score", "class_accuracy"}
     # 1e-9: float64 rounding between a bias-shifted bootstrap bound and its estimate (values O(1-100))
     assert (df.n == 6).all() and (df.ci_low <= df.value + 1e-9).all() and (df.value <= df.ci_high + 1e-9).all()
     calls = df.groupby("setting").calls_per_image.first().to_dict()
-    assert calls == {"none": 2, "sag_s0.5": 4, "blur_s0.5": 4, "sag_cg_s0.75_l1": 4, "cg_l1": 2, "pag_cg_s3_l1": 4}
+    assert calls == {"none": 3, "sag_s0.5": 6, "blur_s0.5": 6, "cfg_w1": 6, "cg_l1": 3, "sag_cfg_s0.75_w1": 9,
+                     "sag_cg_s0.75_l1": 6, "pag_cg_s3_l1": 6}  # 3 steps x calls per step
     fd = df[df.metric == "fd"].set_index(["guidance", "scale"]).value
-    assert fd[("sag", 0.0)] == fd[("none", 0.0)]  # s = 0 is the unguided run
-    unguided = df[df.setting == "none"]  # none, sag s=0: the baseline itself, Δ = 0 exactly
+    assert fd[("sag", 0.0)] == fd[("none", 0.0)] == fd[("blur", 0.0)]  # s = 0 is the unguided run
+    unguided = df[df.setting == "none"]  # none, sag s=0, blur s=0: the baseline itself, Δ = 0 exactly
     assert (unguided.delta == 0).all() and (unguided.delta_ci_low == 0).all() and not unguided.differs.any()
     base = df[df.guidance == "none"].set_index("metric").value
     assert (df.delta == df.value - df.metric.map(base)).all()  # exact: the same float64 subtraction
     assert (df.delta_ci_low <= df.delta + 1e-9).all() and (df.delta <= df.delta_ci_high + 1e-9).all()  # as above
-    assert "fd: " in res.stdout and "of 5 settings differ from unguided" in res.stdout
-    again = _run("evaluate", out, *args)  # every setting complete: nothing is sampled again
-    assert again.returncode == 0 and again.stdout.count("already complete") == 6, again.stdout[-2000:]
-    assert read_table(out, "quality")[["metric", "value", "ci_low"]].equals(df[["metric", "value", "ci_low"]])
-    bad = _run("evaluate", tmp_path / "bad", *TINY, "inception_weights=/no/such/file")
-    lines = bad.stderr.strip().splitlines()
-    assert bad.returncode == 2 and len(lines) == 1 and "no such file" in lines[0], bad.stderr
+    assert "fd: " in stdout and "of 7 settings differ from unguided" in stdout
+    # every setting complete: nothing is sampled again (in-process, on a copy of the stage's dir)
+    shutil.copytree(out, tmp_path / "run")
+    code, err, again = cli(capsys, "evaluate", *tiny_main_job.stage_overrides("evaluate"),
+                           f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0 and again.count("already complete") == 8, err[-2000:] + again[-2000:]
+    assert read_table(tmp_path / "run", "quality")[["metric", "value", "ci_low"]].equals(
+        df[["metric", "value", "ci_low"]])
+    code, err, _ = cli(capsys, "evaluate", f"hydra.run.dir={tmp_path / 'bad'}", *TINY,
+                       "inception_weights=/no/such/file")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "no such file" in lines[0], err
     assert not (tmp_path / "bad" / "settings").exists()
 
 
 @pytest.mark.slow
-def test_frontier_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    res = _run("frontier", out, *TINY, "steps=4", "kinds=[sag,sag_cfg]", "windows=[[0,0.5]]", "every=[2]",
-               "family=[]")
-    assert res.returncode == 0, res.stderr[-2000:]
+def test_frontier_end_to_end(tiny_main_job):
+    """The main job's frontier stage (a real ``python -m experiments.frontier`` child; tests/main_job_run.py: seeds
+    0-5, 4 steps, kinds sag and sag_cfg, window [0, 0.5), every 2, family=[pag])."""
+    out, stdout = tiny_main_job.out / "frontier", tiny_main_job.stage_stdout("frontier")
     df = read_table(out, "frontier", TABLES["frontier"])
     calls = df.groupby(["guidance", "window"]).calls_per_image.first().to_dict()
     assert calls == {("none", "full"): 4, ("cfg", "full"): 8, ("sag", "full"): 8, ("sag", "window 0-0.5"): 6,
                      ("sag", "every 2"): 6, ("sag_cfg", "full"): 12, ("sag_cfg", "window 0-0.5"): 10,
-                     ("sag_cfg", "every 2"): 10}
+                     ("sag_cfg", "every 2"): 10, ("pag", "full"): 8}
     assert set(df.metric) >= {"fd", "precision", "recall"}
     assert (df[df.guidance == "none"].delta == 0).all() and df.differs.dtype == bool
-    assert "of 7 settings differ from unguided" in res.stdout
+    assert "of 8 settings differ from unguided" in stdout

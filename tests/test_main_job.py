@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli
 
 from analysis.schemas import TABLES, validate
 from analysis.tables import read_table
@@ -28,17 +29,16 @@ def test_bad_stage_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_job_tiny_runs_every_stage_and_resumes(tmp_path):
-    out = tmp_path / "main"
-    res = run_main("main_scale=tiny", f"out_dir={out}")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_main_job_tiny_runs_every_stage_and_resumes(tiny_main_job, capsys):
+    out, stdout = tiny_main_job.out, tiny_main_job.stdout  # the session's run (tests/main_job_run.py)
     for name in ("attention_studies", "sag_report"):
         html = out / "report" / f"{name}.html"
         assert html.is_file() and html.stat().st_size > 10_000
-        assert f"report: {html}" in res.stdout
+        assert f"report: {html}" in stdout
     log = json.loads((out / "main.json").read_text())
     assert list(log["stages"]) == ["capture", "studies", "domains", "evaluate", "frontier", "bench", "figures",
                                    "report"]
+    assert tiny_main_job.stage_overrides("capture")[-1] == "batch_size=4"  # main_scale=tiny's list reached the child
     for table in ("attention_timesteps", "frequency", "object_correlation", "stats", "claims", "quality",
                   "frontier", "bench"):
         df = validate(read_table(out, table, TABLES[table]), table)
@@ -47,11 +47,15 @@ def test_main_job_tiny_runs_every_stage_and_resumes(tmp_path):
     assert {"frequency", "objects", "attention_stats", "quality", "cost", "timeline", "masks",
             "qualitative"} <= pngs
     assert all((out / "figures" / f"{p}.csv").is_file() for p in pngs)
-    # rerun into the same dir: the expensive stages are complete and skipped
-    again = run_main("main_scale=tiny", f"out_dir={out}", "stages=[capture,studies,evaluate,frontier,bench]")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done already") == 5
-    check_domains_stage(out)
+    # rerun into a copy of the dir (in-process: every stage below is skipped, no child starts): the expensive stages
+    # are complete and skipped
+    again = out.parent / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("report", "figures", "domains"))
+    code, err, stdout = cli(capsys, "main", "main_scale=tiny", f"out_dir={again}",
+                            "stages=[capture,studies,evaluate,frontier,bench]")
+    assert code == 0, err[-3000:]
+    assert stdout.count("done already") == 5 and "$ " not in stdout  # "$ <command>": a child started
+    check_domains_stage(again)
 
 
 def check_domains_stage(out: Path) -> None:

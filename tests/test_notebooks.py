@@ -1,4 +1,5 @@
-"""The report notebooks execute on a fixture run dir (synthetic tables, a sweep, a tiny capture run)."""
+"""The report notebooks: parameters, the default run dir, and the pages the tiny main job's report stage rendered
+(its seeded run dir: tables, capture run, evaluate sweep; tests/main_job_run.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import fixtures_report as fx
 import jupytext
 import pytest
 
-from analysis.report import NOTEBOOKS, _parameter_cell, available_tables, default_run_dir, render_notebook
+from analysis.report import NOTEBOOKS, _parameter_cell, available_tables, default_run_dir
+from analysis.tables import read_table
 
 SCRIPTS = ["attention_studies.py", "sag_report.py"]
 
@@ -40,19 +42,16 @@ def test_default_run_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def report_dirs(tmp_path_factory) -> dict[str, Path]:
-    return fx.write_fixture_report(tmp_path_factory.mktemp("report"))
+def rendered(tiny_main_job) -> dict[str, Path]:
+    """Both reports as the tiny main job's report stage rendered them (analysis.report.render_reports, on its run dir
+    with its capture run and its evaluate sweep; tests/main_job_run.py), shared by the content and browser checks."""
+    return {name: tiny_main_job.out / "report" / f"{name}.html" for name in ("attention_studies", "sag_report")}
 
 
 @pytest.fixture(scope="module")
-def rendered(report_dirs, tmp_path_factory) -> dict[str, Path]:
-    """Both reports rendered once on the fixture run dir (shared by the content and the browser checks)."""
-    out = tmp_path_factory.mktemp("html")
-    return {"attention_studies": render_notebook(NOTEBOOKS / "attention_studies.py", report_dirs["run"],
-                                                 out / "a.html", params={"CAPTURE_DIR": report_dirs["capture"]},
-                                                 ipynb=out / "a.ipynb"),
-            "sag_report": render_notebook(NOTEBOOKS / "sag_report.py", report_dirs["run"], out / "r.html",
-                                          params={"SWEEP_DIR": report_dirs["sweep"]})}
+def claims(tiny_main_job):
+    """The main job's claims table (what the summaries on both pages show)."""
+    return read_table(tiny_main_job.out, "claims")
 
 
 def body(path: Path) -> str:
@@ -60,9 +59,9 @@ def body(path: Path) -> str:
     return path.read_text(encoding="utf-8").split("<body", 1)[1]
 
 
-def check_page(html: str, n_figures: int, run_dir: Path) -> None:
-    """No code, no warnings, no absolute paths; the summary table with one row per claim; every figure embedded
-    with a caption."""
+def check_page(html: str, n_figures: int, run_dir: Path, claims) -> None:
+    """No code, no warnings, no absolute paths; the summary table with one row per claim and each claim's primary
+    verdict; every figure embedded with a caption."""
     code_cells = re.findall(r'class="jp-Cell jp-CodeCell[^"]*"', html)
     assert code_cells and all("jp-mod-noInput" in c for c in code_cells)  # every code cell without its input
     assert "highlight" not in html and "import " not in html
@@ -70,28 +69,32 @@ def check_page(html: str, n_figures: int, run_dir: Path) -> None:
     assert not re.search(r"warn|stderr|Traceback", text, re.IGNORECASE)
     assert str(run_dir.resolve()) not in html and str(run_dir.parent.resolve()) not in html  # relative paths
     table = html.split('id="sag-summary"', 1)[1].split("</table>", 1)[0]
-    assert table.count("<tr") - 1 == fx.claims()["claim_id"].nunique()  # header + one row per claim
+    assert table.count("<tr") - 1 == claims["claim_id"].nunique()  # header + one row per claim
+    assert all(v in table for v in claims.loc[claims["scope"] == "primary", "verdict"])
     figures = re.findall(r'<figure class="sag-fig"><img [^>]*src="data:image/png;base64,[^"]+"[^>]*>\s*'
                          r"<figcaption>([^<]+)", html)  # nbconvert may reorder the img attributes
     assert len(figures) == n_figures  # each caption says on what n (seeds, images, or the benchmark's batch)
     assert all(re.search(r"n = \d+|\d+ (generated )?(seeds|images)|batch \d+", c) for c in figures), figures
 
 
+# The pages' pieces on the synthetic tables of fixtures_report (a "supported" verdict, position-controlled effects,
+# "better"/"worse" deltas, the "sag s=0.5" row labels) are checked without a kernel in tests/test_report_page.py.
 @pytest.mark.slow
-def test_attention_studies_notebook(rendered, report_dirs):
+def test_attention_studies_notebook(rendered, tiny_main_job, claims):
     html = body(rendered["attention_studies"])
-    check_page(html, 6, report_dirs["run"])  # claims, masks, timeline, frequency, objects, attention stats
+    check_page(html, 6, tiny_main_job.out, claims)  # claims, masks, timeline, frequency, objects, attention stats
     assert "object masks from" in html and "sample_masks.npz" in html  # stored masks, no segmenter run
-    assert "masked patches have more high-frequency energy" in html  # the claims table
-    assert "supported" in html and "position-controlled" in html and "C1: attention masks" in html
+    assert all(c in html for c in claims["claim"].unique())  # the claims table, each claim in words
+    assert "position-controlled" in html and "C1: attention masks" in html
 
 
 @pytest.mark.slow
-def test_sag_report_notebook(rendered, report_dirs):
+def test_sag_report_notebook(rendered, tiny_main_job, claims):
     html = body(rendered["sag_report"])
-    check_page(html, 4, report_dirs["run"])  # claims, qualitative, quality, cost
-    assert "not shown" in html and "sag_cfg" in html  # the fixture claims table
-    assert "Δ Fréchet distance ↓" in html and "sag s=0.5" in html and "better" in html  # paired deltas
+    check_page(html, 4, tiny_main_job.out, claims)  # claims, qualitative, quality, cost
+    assert "sag_cfg" in html and "Δ Fréchet distance ↓" in html  # the quality table's combos, paired deltas
+    # the main job's seeded evaluate stage: SAG at s = 0.5 lowers FD with a paired CI that excludes 0
+    assert re.search(r"<td>sag_s0\.5</td>\s*<td>6</td>\s*<td>[^<]*</td>\s*<td>-[^<]*better</td>", html)
 
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

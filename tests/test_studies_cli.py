@@ -1,5 +1,6 @@
 """experiments.studies end to end (slow), its one-line errors for bad input, and the driver's own checks."""
 
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ from sag.errors import SagConfigError
 
 
 def studies(*args, cwd=None):
+    """``python -m experiments.studies *args`` (OMP_NUM_THREADS=1: the tiny networks run faster on one thread)."""
     return subprocess.run([sys.executable, "-m", "experiments.studies", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+                          cwd=cwd, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
@@ -50,7 +52,7 @@ def test_samples_analysis_time_counts_stats_only_without_the_scenes_mode():
 
 
 @pytest.mark.slow
-def test_studies_end_to_end_both_modes(tmp_path):
+def test_studies_end_to_end_both_modes(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     # tiny_pixel_cond: the random model that declares the embedded domain (test stand-in, sag.domains); debug=tiny's
     # tiny_pixel declares none, so the scenes probe and the segmenter are refused on it (tests/test_domains.py)
@@ -85,8 +87,9 @@ def test_studies_end_to_end_both_modes(tmp_path):
     check = subprocess.run([sys.executable, "-m", "analysis.claims", "--check", str(out)], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0 and check.stdout.startswith("ok:"), check.stdout + check.stderr
-    # a second call on the run dir re-analyses without capturing
-    again = studies("debug=tiny", f"run_dir={out}", "correlation_modes=[samples]", "analysis.sources=[final]",
-                    "analysis.random_draws=20", "analysis.n_boot=200", f"paths.output_dir={tmp_path / 'o2'}")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "capturing" not in again.stdout
+    # a second call on the run dir re-analyses without capturing (in-process: the command line ran above)
+    code, err, again = cli(capsys, "studies", "debug=tiny", f"run_dir={out}", "correlation_modes=[samples]",
+                           "analysis.sources=[final]", "analysis.random_draws=20", "analysis.n_boot=200",
+                           f"paths.output_dir={tmp_path / 'o2'}")
+    assert code == 0, err[-3000:]
+    assert "capturing" not in again
