@@ -316,9 +316,10 @@ def test_sample_bad_guidance(tmp_path, capsys, override, message):
 def test_study_experiments_run_with_debug_tiny(tmp_path, name, tables):
     """A paper-study overlay runs its study only; debug=tiny (after the overlay) shrinks its 1,000 seeds."""
     out = tmp_path / "run"
-    # model=tiny_pixel_cond: Exp. C's scenes probe and segmenter need the embedded domain (sag.domains)
-    res = _run(out, f"experiment={name}", "debug=tiny", "model=tiny_pixel_cond", "seeds=0-3", "scenes.count=4",
-               "scenes.t=[500]",
+    # model=tiny_pixel_cond: Exp. C's scenes probe and segmenter need the embedded domain (sag.domains); its scenes
+    # settings only with Exp. C (given without it, they are refused: tests/test_studies_exp_c_inputs.py)
+    scenes = ["scenes.count=4", "scenes.t=[500]"] if name == "exp_c_objects" else []
+    res = _run(out, f"experiment={name}", "debug=tiny", "model=tiny_pixel_cond", "seeds=0-3", *scenes,
                "analysis.n_boot=50", "analysis.random_draws=5", entry="studies")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "capture of 4 samples x 3 steps" in res.stdout
