@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -228,6 +228,27 @@ def as_guidance(fn) -> Guidance:
     """``fn`` itself if it is a :class:`Guidance`, else ``fn`` wrapped in a pass-through :class:`ModelCall`: the
     result keeps the :class:`GuidanceFn` contract, so callers invoke its hooks without checking for them."""
     return fn if isinstance(fn, Guidance) else ModelCall(fn)
+
+
+class LazyPasses(Mapping):
+    """A guided call's ``last_passes`` (name -> (b, C, H, W)): each value a tensor, or a zero-argument function that
+    computes it when first read (then kept), so a sampler that never reads the passes pays nothing for their x0
+    conversions (one schedule lookup and two tensor ops per pass and step)."""
+
+    def __init__(self, **items: Tensor | Callable[[], Tensor]):
+        self._items = items
+
+    def __getitem__(self, name: str) -> Tensor:
+        value = self._items[name]
+        if callable(value):
+            value = self._items[name] = value()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class CallCounter:

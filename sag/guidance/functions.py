@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,10 +24,17 @@ def gaussian_kernel1d(kernel_size: int, blur_sigma: float, dtype=torch.float32, 
     return (pdf / pdf.sum()).to(device=device, dtype=dtype)
 
 
+@lru_cache(maxsize=16)
+def _blur_kernel(kernel_size: int, blur_sigma: float, dtype, device, inference: bool) -> Tensor:
+    """:func:`gaussian_kernel1d`, built once per setting (SAG blurs on every guided step); ``inference``: whether it
+    was made under torch.inference_mode (such a tensor is kept apart from one made outside it)."""
+    return gaussian_kernel1d(kernel_size, blur_sigma, dtype, device)
+
+
 def gaussian_blur(x: Tensor, kernel_size: int, blur_sigma: float) -> Tensor:
     """Separable Gaussian blur of (b, c, H, W) with reflect padding, per channel (G * x, the paper's G_sigma with
     std ``blur_sigma``)."""
-    k = gaussian_kernel1d(kernel_size, blur_sigma, x.dtype, x.device)
+    k = _blur_kernel(int(kernel_size), float(blur_sigma), x.dtype, x.device, torch.is_inference_mode_enabled())
     c, pad = x.shape[1], kernel_size // 2
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, k.reshape(1, 1, kernel_size, 1).expand(c, 1, kernel_size, 1), groups=c)

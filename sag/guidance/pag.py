@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from torch import Tensor
 
 from sag.attention import select_layers
-from sag.guidance.base import Guidance, Window, batch_t, check_scale
+from sag.guidance.base import Guidance, LazyPasses, Window, batch_t, check_scale
 from sag.guidance.cfg import ClassifierFreeGuidance, uncond_cond_batch
 from sag.guidance.family_functions import perturbed_cfg_combine, perturbed_combine
 from sag.guidance.perturb import check_identity_attention, identity_attention
@@ -76,8 +76,8 @@ class PerturbedGuidance(Guidance):
         # 2. the perturbed pass: same input and condition, network perturbed for this call only
         with self.perturbation():
             eps_ptb, _ = self.to_eps(self.inner(x, t, cond), x, t)
-        self.last_passes = {"x0": self.x0(eps_c, x, t), "x0_perturbed": self.x0(eps_ptb, x, t), "eps": eps_c,
-                            "eps_perturbed": eps_ptb}
+        self.last_passes = LazyPasses(x0=lambda: self.x0(eps_c, x, t), x0_perturbed=lambda: self.x0(eps_ptb, x, t),
+                                      eps=eps_c, eps_perturbed=eps_ptb)
         # 3. combine
         if use_cfg:
             guided = perturbed_cfg_combine(eps[:b], eps_c, eps_ptb, self.cfg_scale, self.scale)

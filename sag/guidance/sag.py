@@ -29,7 +29,7 @@ from torch import Tensor
 from sag.attention import select_layers
 from sag.capture import AttentionStore, capture_attention, check_map_heads
 from sag.errors import SagConfigError, SagConfigWarning
-from sag.guidance.base import Guidance, Window, batch_t, check_scale
+from sag.guidance.base import Guidance, LazyPasses, Window, batch_t, check_scale
 from sag.guidance.cfg import require_cond, uncond_cond_batch
 from sag.guidance.functions import attention_mask, cfg_combine, degrade, sag_cfg_combine, sag_combine, union_masks
 from sag.models.base import DiffusionModel
@@ -169,8 +169,8 @@ class SelfAttentionGuidance(Guidance):
         # 5. second pass (unconditional under CFG, else the same condition)
         deg_cond = cc[:b] if use_cfg else cond
         eps_deg, _ = self.to_eps(self.inner(x_bar, t, deg_cond), x_bar, t)
-        self.last_passes = {"x0": x0, "x0_perturbed": self.x0(eps_deg, x_bar, t), "eps": eps_u,
-                            "eps_perturbed": eps_deg}
+        self.last_passes = LazyPasses(x0=x0, x0_perturbed=lambda: self.x0(eps_deg, x_bar, t), eps=eps_u,
+                                      eps_perturbed=eps_deg)
         # 6. combine
         if use_cfg:
             guided = sag_cfg_combine(eps_u, eps[b:], eps_deg, self.cfg_scale, self.scale)
