@@ -6,15 +6,16 @@ memory of capture at a 64x64 token grid on an SD-1.5-sized UNet.
 
 Time (default): A/B interleaved in one process (same seeds, same scheduler, class labels seed % classes for a
 class-conditional model) after a warm-up round; median wall times and their ratios to no capture for: capture of
-head_mean + received (popped and discarded) with the default maps (explicit softmax, bit-identical tables) | the
-same with ``lse_maps=True`` (maps from the attention kernel's log-sum-exp where it gives one) | ``exact=False`` |
-the default capture spec's received + row_entropy | head_mean + received streamed to records on disk. Target
-<= 1.35x for the first (issue 20), printed, never asserted.
+head_mean + received (popped and discarded) with the default maps (from the attention kernel's log-sum-exp where it
+gives one) | the same with ``lse_maps=False`` (explicit softmax, the maps of earlier versions bit for bit) |
+``exact=False`` | the default capture spec's received + row_entropy, with and without ``lse_maps`` | head_mean +
+received streamed to records on disk. Target <= 1.35x for the first (issue 20), printed, never asserted.
 
 Memory (``--sd15-memory``): diffusers' default ``UNet2DConditionModel`` (= the SD-1.5 UNet, 860M, random weights,
 block_out_channels (320, 640, 1280, 1280)) at ``--latent``^2 latents, batch 1, one forward without capture, with
-capture of every self-attention layer (received; and head_mean + received), each in a fresh subprocess; peak
-resident memory from ``resource.getrusage`` (ru_maxrss, KiB on Linux) and its ratio to no capture (target <= 1.2x).
+capture of every self-attention layer (received; and head_mean + received), capture=full of one 64x64-token layer
+written to a float16 shard (probabilities in memory, or spilled to disk chunk by chunk), each in a fresh subprocess;
+peak resident memory from ``resource.getrusage`` (ru_maxrss, KiB on Linux) and its ratio to no capture (target <= 1.2x).
 """
 
 from __future__ import annotations
@@ -38,7 +39,24 @@ from sag.sampling import sample
 from sag.schedulers import make_scheduler
 
 MEMORY_CASES = {"no capture": None, "capture received": ["received"],
-                "capture head_mean+received": ["head_mean", "received"]}
+                "capture head_mean+received": ["head_mean", "received"],
+                # capture=full of ONE 64x64-token layer (8 heads x 4096^2 x 4 B = 512 MiB float32; all 16 layers would
+                # be ~3 GiB of float16 on disk), to a float16 shard: probabilities in memory | spilled (sag.spill)
+                "full 1 layer (in memory)": ["full"], "full 1 layer (spilled)": ["full"]}
+FULL_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+def _full_one_layer(net, x, text, spilled: bool) -> None:
+    """capture=full of :data:`FULL_LAYER` and its float16 shard in a temp dir, in memory or through a spill."""
+    from sag.capture import AttentionStore
+    from sag.spill import FullSpill
+
+    with tempfile.TemporaryDirectory() as d:
+        store = AttentionStore(FullSpill(f"{d}/records/.spill", "float16") if spilled else None)
+        with capture_attention(net, FULL_LAYER, ["full"], store=store):
+            net(x, 500, encoder_hidden_states=text)
+        w = RecordWriter(f"{d}/records", "float16")
+        w.write_step(batch_index=0, step=0, num_steps=1, t=torch.tensor([500.0]), seeds=[0], records=store.pop())
 
 
 def time_cases(args) -> None:
@@ -70,9 +88,11 @@ def time_cases(args) -> None:
                 records=store.pop()))
             w.close()
 
-    cases = {"no capture": plain, "capture": in_memory(), "capture lse_maps=True": in_memory(lse_maps=True),
+    cases = {"no capture": plain, "capture": in_memory(), "capture lse_maps=False": in_memory(lse_maps=False),
              "capture exact=False": in_memory(exact=False),
-             "received+row_entropy": in_memory(["received", "row_entropy"]), "capture (records)": to_disk}
+             "received+row_entropy": in_memory(["received", "row_entropy"]),
+             "received+row_entropy lse_maps=False": in_memory(["received", "row_entropy"], lse_maps=False),
+             "capture (records)": to_disk}
     for fn in cases.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -87,7 +107,7 @@ def time_cases(args) -> None:
           f"batch={args.batch} maps={maps} threads={torch.get_num_threads()} repeats={args.repeats}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:24s} median {med:7.3f} s   ratio {med / base:5.3f}x   (min {min(ts):.3f} s)")
+        print(f"{name:36s} median {med:7.3f} s   ratio {med / base:5.3f}x   (min {min(ts):.3f} s)")
 
 
 def memory_child(latent: int, case: str) -> None:
@@ -103,6 +123,8 @@ def memory_child(latent: int, case: str) -> None:
     with torch.no_grad():
         if reductions is None:
             net(x, 500, encoder_hidden_states=text)
+        elif case.startswith("full"):
+            _full_one_layer(net, x, text, "spilled" in case)
         else:
             with capture_attention(net, "*", reductions) as store:
                 net(x, 500, encoder_hidden_states=text)

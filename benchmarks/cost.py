@@ -15,7 +15,8 @@ settings (layers, blur, scales) of a preset are those of its ``conf/model_guidan
 
 Two benchmarks, each A/B interleaved over ``--repeats`` rounds on the same seeds (medians):
 - ``guidance``: none / sag / blur / pag / seg / slg (/ cfg / sag_cfg / apg where the model has a null condition;
-  ``--kinds`` to choose any of ``sag.guidance.KINDS`` but cg / sag_cg): model calls per image (network rows
+  ``--kinds`` to choose any of ``sag.guidance.KINDS`` except those that need a classifier, cg and every ``*_cg``
+  kind, refused by ``build_guidance`` in one line): model calls per image (network rows
   counted by a hook, ``sag.guidance.CallCounter``), wall time per image, peak accelerator memory, ratios to
   unguided and to CFG. The ideal is one extra model call per guided step: SAG / none = 2.0x, SAG+CFG / CFG =
   1.5x (targets 2.05x, 1.55x); PAG, SEG, SLG cost what SAG costs, APG what CFG costs.
