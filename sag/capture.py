@@ -200,9 +200,10 @@ class RecordingProcessor:
                                            None if lse is None else lse[:rows], entropy)
         for how in {(s.map_heads, s.qkv_layout) for s in sinks if s.map_heads is not None}:
             makers[how] = self._regrouped_probs(qkv, rows, heads, how)
-        # every maker's chunk lives at once (one workspace slot each), plus the row-entropy buffer of the largest:
-        # the budget covers their sum, float32
-        planes = sum(n for n, _ in makers.values()) + (max(n for n, _ in makers.values()) if entropy else 0)
+        # every maker's chunk lives at once (one workspace slot each, two for p and log p), plus row_entropy's buffer
+        # sized for the largest maker without log p (the log-sum-exp path needs none): the budget covers their sum
+        logless = [n for how, (n, _) in makers.items() if how is not None or lse is None]
+        planes = sum(n for n, _ in makers.values()) + (max(logless) if entropy and logless else 0)
         chunk = query_chunk(rows * key.shape[2] * 4 * planes, n_q, self.chunk_bytes)
         reducers = [ChunkedReduction(s.reductions, grid, cross, s.query_stride, self.workspace, s.store.spill)
                     for s in sinks]
