@@ -67,7 +67,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
     spaces to a multiple of 8 bytes, then each tensor's bytes in slices of at most ``PIECE_BYTES``. A tensor backed by
     a file (:mod:`sag.spill`) is thus copied disk to disk through a bounded buffer. Tensors in ``save_file``'s order
     (dtype rank, then name), so the bytes equal its output up to the order of the metadata keys, which
-    ``save_file`` leaves to a hash map."""
+    ``save_file`` leaves to a hash map: the same shard written by two processes could differ in its bytes (safetensors
+    0.8.0, seen here), ours keep the caller's order. Why not ``save_file``: that, and versions before 0.8 (which
+    ``safetensors>=0.4`` allows) build the whole file in memory."""
     for k, x in tensors.items():
         if x.dtype not in _ST_CODES or x.device.type != "cpu" or not x.is_contiguous():
             raise SagConfigError(f"record {k!r}: a {x.dtype} tensor on {x.device} (contiguous={x.is_contiguous()}) "
