@@ -126,8 +126,11 @@ class RecordingProcessor:
     p = q k^T / sqrt(d) - lse as it is, with no log pass. These maps equal the explicit softmax's up to float32 rounding
     of the scores (about |score| x 2^-24 relative; ~1e-6 on the embedded model). Otherwise (``lse_maps`` off, or another
     kernel) the probabilities are an explicit softmax, bit-identical to the whole-tensor softmax where one chunk covers
-    the layer. ``exact=False`` uses the log-sum-exp wherever the kernel gives it, and elsewhere one explicit attention
-    for both the maps and the output (probs @ v, equal to SDPA's up to float rounding, ~1e-6). Probabilities are formed
+    the layer. ``exact=False`` computes each image's attention once: with the log-sum-exp path where it runs (the
+    kernel's output is already the only pass), else the recorded images' output is probs @ v of the very probabilities
+    recorded (equal to SDPA's up to float rounding, ~1e-6; the way diffusers' SAG pipeline and the official SAG code
+    compute that layer) and the other images' (``rows`` < batch) is SDPA's; float64 layers keep SDPA's output, since
+    the probabilities are float32. So ``lse_maps=False`` always means explicit-softmax maps. Probabilities are formed
     in query chunks of at most ``chunk_bytes`` (:mod:`sag.reductions`) in the buffers of ``workspace``.
     """
 
@@ -186,12 +189,16 @@ class RecordingProcessor:
         :func:`regrouped_probs` of ``qkv``, the (b, tokens, C) projections). q, k, v: (b, heads, tokens, d)."""
         b, heads, n_q, _ = query.shape
         rows = max(b if s.rows is None else min(s.rows, b) for s in self.sinks)
-        use_lse = self.lse_maps or not self.exact
-        out, lse = attention_with_lse(query, key, value, attention_mask) if use_lse else (None, None)
-        explicit = out is None and not self.exact and rows == b  # the output from the recorded probabilities
+        out, lse = attention_with_lse(query, key, value, attention_mask) if self.lse_maps else (None, None)
+        # the recorded images' output from their (float32) probabilities; float64 models keep SDPA's full precision
+        explicit = out is None and not self.exact and query.dtype != torch.float64
         if out is None and not explicit:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                  is_causal=False)
+        elif explicit and rows < b:  # the images nobody records: SDPA
+            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows:]
+            out = F.scaled_dot_product_attention(query[rows:], key[rows:], value[rows:], attn_mask=mask,
+                                                 dropout_p=0.0, is_causal=False)
         sinks = self.sinks
         entropy = any("row_entropy" in s.reductions for s in sinks)
         makers = {}
@@ -212,7 +219,7 @@ class RecordingProcessor:
             q1 = min(n_q, q0 + chunk)
             probs = {how: make(q0, q1) for how, (_, make) in makers.items()}
             if explicit:
-                outs.append(torch.matmul(probs[None][0].to(value.dtype), value))
+                outs.append(torch.matmul(probs[None][0].to(value.dtype), value[:rows]))
             for sink, red in zip(sinks, reducers, strict=True):
                 p, logp = probs[None if sink.map_heads is None else (sink.map_heads, sink.qkv_layout)]
                 if sink.rows is not None and sink.rows < rows:
@@ -220,7 +227,10 @@ class RecordingProcessor:
                 red.add(p, q0, logp)
         for sink, red in zip(sinks, reducers, strict=True):
             sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, red.result()))
-        return torch.cat(outs, 2) if explicit else out
+        if not explicit:
+            return out
+        own = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return own if rows == b else torch.cat([own, out], 0)
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
