@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from sag.capture import capture_attention
 from sag.errors import SagConfigError
 from sag.guidance import (
     KINDS,
@@ -141,7 +142,8 @@ def test_sag_formula_with_attention(cond_model):
     x, t, y = randn(2, 3, 32, 32), torch.tensor([100.0, 700.0]), torch.tensor([1, 2])
     g = SelfAttentionGuidance(m, scale=0.75, layers="mid_block.*", kernel_size=9, blur_sigma=1.0)
     with torch.no_grad():
-        with capture_attention(m.net, "mid_block.*", ["received"]) as store:
+        # as SAG captures: explicit softmax maps, and the layer's output from them (one attention per image)
+        with capture_attention(m.net, "mid_block.*", ["received"], exact=False, lse_maps=False) as store:
             eps = m(x, t, y)
         (rec,) = store.pop()
         mask = attention_mask(rec.data["received"], 1.0, (32, 32))
@@ -296,8 +298,10 @@ def test_prediction_types_and_learned_variance(kw):
     t = torch.tensor([200.0, 600.0])
     out = g(x, t, None)
     assert out.shape == m(x, t).shape
-    if m.learned_variance:  # variance from the first pass
-        assert torch.equal(m.split(out)[1], m.split(m(x, t))[1])
+    if m.learned_variance:  # variance from the first pass, as SAG runs it (explicit attention in its layers)
+        with capture_attention(m.net, g.layers, ["received"], exact=False, lse_maps=False):
+            first = m(x, t)
+        assert torch.equal(m.split(out)[1], m.split(first)[1])
     eps = m.schedule.to_eps(m.split(out)[0], x, t, m.prediction_type)
     # guided eps differs from the unguided one only through the SAG term
     assert not torch.allclose(eps, m.schedule.to_eps(m.split(m(x, t))[0], x, t, m.prediction_type))

@@ -144,9 +144,12 @@ class SelfAttentionGuidance(Guidance):
         # 1. first pass, capturing attention of the selected layers
         if self.mask == "attention":
             # rows=b: under CFG only the unconditional half's map is used (Eq. 25), the rest is not computed;
-            # lse_maps off (explicit softmax): masks (received > psi) bit-identical to earlier runs
+            # lse_maps off (explicit softmax): masks (received > psi) bit-identical to earlier runs; exact off: the
+            # recorded images' layer output is probs @ v of that softmax, one attention per image (as diffusers'
+            # pipeline and the official code compute it), not SDPA's as well
             with capture_attention(self.model.net, self.layers, ["received"], store=self.store, rows=b,
-                                   map_heads=self.map_heads, qkv_layout=self.qkv_layout, lse_maps=False):
+                                   map_heads=self.map_heads, qkv_layout=self.qkv_layout, lse_maps=False,
+                                   exact=False):
                 out = self.inner(xx, tt, cc)
             records = [r for r in self.store.pop() if r.call == 0]
             self._warn_empty_mask(records)
