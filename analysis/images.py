@@ -5,8 +5,8 @@ figures read them: one loader, one value convention.
 * :func:`sample_seeds` — the seeds a run dir has an image for;
 * :func:`from_uint8` — the value convention, (n, H, W, C) uint8 -> (n, C, H, W) float32 in [-1, 1]
   (:func:`sag.pixels.from_uint8`, re-exported: ``sag``'s reference sets use the same one);
-* :func:`to_uint8` — its inverse for display, (n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8, exact on
-  loaded images (x / 127.5 - 1 in float32 rounds back to x).
+* :func:`to_uint8` — its inverse, (n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8, exact on loaded images
+  (:func:`sag.pixels.to_uint8`, re-exported: the run's PNGs were written with it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from sag.errors import SagConfigError
-from sag.pixels import from_uint8  # the value convention's owner, re-exported: the studies' images
+from sag.pixels import from_uint8, to_uint8  # noqa: F401 -- the convention's owner, re-exported
 
 
 def _paths(run_dir: str | Path) -> dict[int, Path]:
@@ -41,8 +41,3 @@ def load_images(run_dir: str | Path, seeds: list[int] | None = None) -> tuple[li
         raise SagConfigError(f"{Path(run_dir) / 'samples'}: no image for seeds {lost or 'any'}")
     return seeds, from_uint8(np.stack([np.asarray(Image.open(found[s])) for s in seeds]))
 
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8 (rounded, clipped): the pixels of the PNGs again."""
-    x = (np.asarray(images, dtype=np.float64) + 1) * 127.5
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -68,7 +68,8 @@ def main() -> None:
     from sag.evaluators import accuracy, frechet_distance
     from sag.evaluators.io import evaluator_for
     from sag.io import atomic_write_text
-    from sag.runs import save_grid, to_uint8
+    from sag.pixels import to_uint8
+    from sag.runs import save_grid
     from sag.sampling import sample
     from sag.schedulers import make_scheduler
 

@@ -28,6 +28,7 @@ from sag.capture import AttentionStore, CaptureSpec, capture_attention
 from sag.errors import SagConfigError
 from sag.io import atomic_path, atomic_write_bytes
 from sag.models.base import DiffusionModel
+from sag.pixels import to_uint8
 from sag.records import RecordWriter
 from sag.sampling import StepInfo, sample
 from sag.seeds import format_seeds
@@ -39,12 +40,6 @@ RUN_FILE = "run.json"
 STATE_DIR = ".state"  # sampler checkpoints and the run's resume key; removed when the run completes
 SPILL_DIR = ".spill"  # under records/: capture=full's probabilities on their way to a shard (sag.spill)
 RUN_FORMAT_VERSION = 1
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images: np.ndarray, path: Path, ncol: int = 8) -> None:

@@ -23,3 +23,21 @@ def test_studies_and_reference_sets_share_one_uint8_conversion():
     assert ref.dtype == torch.float32 and torch.equal(ref, old_ref) and torch.equal(ref, torch.from_numpy(studies))
     assert studies[0, 0, 0, 0] == -1 and studies[0, 2, 0, 0] == 1  # 0 -> -1, 255 -> 1 exactly (127.5 is a float32)
     assert images.from_uint8(u8[..., 0]).shape == (3, 1, 5, 7)  # grayscale stacks get one channel
+
+
+def test_one_uint8_writer_for_samples_figures_and_masks():
+    """sag.pixels.to_uint8 is the only float -> uint8 conversion: the bytes of the samples sag.runs wrote with its
+    former torch formula, from numpy arrays and torch tensors alike, and the exact inverse of from_uint8."""
+    assert images.to_uint8 is pixels.to_uint8
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 6, 5, generator=g) * 2.4 - 1.2  # beyond [-1, 1] on both sides: clipped
+    k = torch.arange(256, dtype=torch.float32)
+    x[0, 0].view(-1)[:30] = (k[:30] + 0.5) / 127.5 - 1  # float32 values near half a pixel: round half to even
+    old = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # sag.runs'
+    for arr in (x, x.numpy(), x.double(), x.to(torch.bfloat16).float()):
+        got = pixels.to_uint8(arr)
+        assert got.dtype == np.uint8 and got.shape == (4, 6, 5, 3)
+    np.testing.assert_array_equal(pixels.to_uint8(x), old)
+    np.testing.assert_array_equal(pixels.to_uint8(x.numpy()), old)
+    u8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    np.testing.assert_array_equal(pixels.to_uint8(pixels.from_uint8(u8)), u8)  # every pixel value back exactly

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sag.errors import SagConfigError
-from sag.runs import to_uint8
+from sag.pixels import to_uint8
 
 SIZE = 299  # the network's input resolution (inception-2015-12-05)
 SPATIAL_CHANNELS = 7  # guided-diffusion evaluator.py: spatial = mixed_6/conv[..., :7] (2023 features at 17x17)
@@ -49,7 +49,7 @@ def check_inception_weights(weights: str | Path | None) -> Path | None:
 
 
 def uint8_images(images: Tensor) -> Tensor:
-    """(n, 3, H, W) in [-1, 1] -> (n, 3, H, W) uint8: the pixels of the sample PNGs (:func:`sag.runs.to_uint8`)."""
+    """(n, 3, H, W) in [-1, 1] -> (n, 3, H, W) uint8: the pixels of the sample PNGs (:func:`sag.pixels.to_uint8`)."""
     return torch.from_numpy(to_uint8(images.detach().cpu())).permute(0, 3, 1, 2)
 
 

@@ -14,7 +14,7 @@
   model that declares one: the caller checks with :func:`sag.domains.require_domain`).
 
 Values: (n, 3, H, W) float32 in [-1, 1], ``x / 127.5 - 1`` of the uint8 pixels (:func:`sag.pixels.from_uint8`, the
-studies' convention too; :func:`sag.runs.to_uint8` inverts it exactly), the same as generated images.
+studies' convention too; :func:`sag.pixels.to_uint8` inverts it exactly), the same as generated images.
 """
 
 from __future__ import annotations
