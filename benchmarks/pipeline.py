@@ -25,9 +25,12 @@ from round to round; medians. After each diffusers call the mid-block attn1 proc
 Rows of ``<out>/tables/bench.parquet`` (appended): ``benchmark="pipeline"``, ``setting`` ``"ours sag_cfg"``,
 ``"diffusers sag_cfg"``, ``"ours sag"``, ``"diffusers sag"``. In these rows ``ratio_vs_none`` holds
 ours / diffusers time for the same setting (1.0 on the diffusers rows; target <= 1.0x), repeated in the explicit
-extra column ``ratio_vs_diffusers``; ``ratio_vs_cfg`` is NaN. ``parity_max_abs`` is the max abs difference of
-the final latents between ours and diffusers for the setting (float32: ~1e-5). ``calls_per_image`` counts UNet
-image-evaluations per image (3 x steps for SAG+CFG, 2 x steps for SAG) on each side.
+extra column ``ratio_vs_diffusers``, with its 95% bootstrap interval over the rounds in ``ratio_ci_low`` /
+``ratio_ci_high`` (:func:`ratio_interval`; NaN for one round) and the round count in ``repeats``; ``ratio_vs_cfg`` is
+NaN. ``unet_s_per_image``: the median time inside the shared UNet's forward calls (:class:`UNetClock`; NaN on a GPU),
+so s_per_image - unet_s_per_image is what each side spends around the model. ``parity_max_abs`` is the max abs
+difference of the final latents between ours and diffusers for the setting (float32: ~1e-5). ``calls_per_image``
+counts UNet image-evaluations per image (3 x steps for SAG+CFG, 2 x steps for SAG) on each side.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ import argparse
 import datetime as dt
 import statistics
 import tempfile
+import time
 
+import numpy as np
 import pandas as pd
 import torch
 
 from benchmarks.common import DTYPES, append_bench, machine, model_guidance, timed
+from sag.evaluators.quality import bootstrap_indices, percentile_interval
 from sag.guidance import CallCounter, build_guidance
 from sag.models.tiny_sd_pipeline import build_tiny_sd, run_pipeline
 from sag.sampling import sample
@@ -99,27 +105,63 @@ def run(pipe, model, device, steps: int, batch: int, repeats: int,
         with CallCounter(pipe.unet) as counter:
             latents[name] = fn()
         calls[name] = counter.rows / batch
-    times = {k: [] for k in cases}
-    peaks = {k: [] for k in cases}
-    for r in range(repeats):
-        for kind in KINDS:
-            pair = [f"diffusers {kind}", f"ours {kind}"]
-            for name in pair if r % 2 == 0 else pair[::-1]:
-                s, m = timed(cases[name], device)
-                times[name].append(s)
-                peaks[name].append(m)
+    times, peaks, inside = {k: [] for k in cases}, {k: [] for k in cases}, {k: [] for k in cases}
+    with UNetClock(pipe.unet) as clock:
+        for r in range(repeats):
+            for kind in KINDS:
+                pair = [f"diffusers {kind}", f"ours {kind}"]
+                for name in pair if r % 2 == 0 else pair[::-1]:
+                    clock.seconds = 0.0
+                    s, m = timed(cases[name], device)
+                    times[name].append(s)
+                    peaks[name].append(m)
+                    inside[name].append(clock.seconds if device.type == "cpu" else float("nan"))
     med = {k: statistics.median(v) for k, v in times.items()}
     parity = {kind: float((latents[f"ours {kind}"] - latents[f"diffusers {kind}"]).abs().max()) for kind in KINDS}
     rows = []
     for kind in KINDS:
         ratio = med[f"ours {kind}"] / med[f"diffusers {kind}"]
+        lo, hi = ratio_interval(times[f"ours {kind}"], times[f"diffusers {kind}"])
         for side in ("ours", "diffusers"):
             name = f"{side} {kind}"
-            r = ratio if side == "ours" else 1.0
+            r, (rlo, rhi) = (ratio, (lo, hi)) if side == "ours" else (1.0, (1.0, 1.0))
             rows.append({"benchmark": "pipeline", "setting": name, "calls_per_image": calls[name],
                          "s_per_image": med[name] / batch, "peak_mem_mb": max(peaks[name]), "ratio_vs_none": r,
-                         "ratio_vs_cfg": float("nan"), "ratio_vs_diffusers": r, "parity_max_abs": parity[kind]})
+                         "ratio_vs_cfg": float("nan"), "ratio_vs_diffusers": r, "ratio_ci_low": rlo,
+                         "ratio_ci_high": rhi, "repeats": repeats, "parity_max_abs": parity[kind],
+                         "unet_s_per_image": statistics.median(inside[name]) / batch})
     return rows, parity
+
+
+class UNetClock:
+    """Wall time spent inside the UNet's forward calls (a forward pre-hook and hook on the shared UNet, the same on both
+    sides), summed into ``seconds``. Meaningful on the CPU only: on a GPU the calls return before the kernels end."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet, self.seconds, self._start, self._handles = unet, 0.0, 0.0, []
+
+    def __enter__(self) -> UNetClock:
+        def start(*_):
+            self._start = time.perf_counter()
+
+        def stop(*_):
+            self.seconds += time.perf_counter() - self._start
+        self._handles = [self.unet.register_forward_pre_hook(start), self.unet.register_forward_hook(stop)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def ratio_interval(ours: list[float], theirs: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of median(ours) / median(theirs) over the rounds, resampled in pairs (a round's
+    two times ran back to back, so a slow spell of the machine moves both); NaN with fewer than 2 rounds."""
+    if len(ours) < 2:
+        return float("nan"), float("nan")
+    idx = bootstrap_indices(len(ours), draws, seed)
+    o, t = np.asarray(ours)[idx], np.asarray(theirs)[idx]
+    return percentile_interval(np.median(o, axis=1) / np.median(t, axis=1))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -146,10 +188,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df, path = append_bench(rows, meta, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.tail(len(rows))[["setting", "model", "steps", "batch", "calls_per_image", "s_per_image",
-                                  "ratio_vs_diffusers", "parity_max_abs"]].to_string(index=False))
+                                  "unet_s_per_image", "ratio_vs_diffusers", "ratio_ci_low", "ratio_ci_high",
+                                  "parity_max_abs"]].to_string(index=False))
     for kind in KINDS:
         ours, theirs = (r for r in rows if r["setting"].endswith(f" {kind}"))
         print(f"{kind}: ours / diffusers = {ours['ratio_vs_diffusers']:.3f}x "
+              f"[{ours['ratio_ci_low']:.3f}, {ours['ratio_ci_high']:.3f}] (95% bootstrap over {args.repeats} rounds) "
               f"({ours['s_per_image']:.4f} vs {theirs['s_per_image']:.4f} s/image), "
               f"parity max |z_ours - z_diffusers| = {parity[kind]:.2e}")
     print(f"wrote {path}")

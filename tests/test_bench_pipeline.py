@@ -53,8 +53,21 @@ def test_pipeline_benchmark_ours_vs_diffusers(tmp_path):
         assert new.loc[f"ours {kind}", "ratio_vs_diffusers"] == pytest.approx(ratio)
         assert new.loc[f"ours {kind}", "ratio_vs_none"] == pytest.approx(ratio)  # documented reuse of the column
         assert new.loc[f"diffusers {kind}", "ratio_vs_none"] == 1.0
+        assert math.isnan(new.loc[f"ours {kind}", "ratio_ci_low"]) and new.loc[f"ours {kind}", "repeats"] == 1
         # same final latents as diffusers: float32 operation-order differences only (test_sag_parity: < 1e-4)
         assert 0 <= new.loc[f"ours {kind}", "parity_max_abs"] < 1e-3
+
+
+def test_ratio_interval():
+    """The bootstrap interval of median(ours) / median(theirs) resamples whole rounds: a constant per-round ratio is
+    the interval's both ends even when the machine's speed moves from round to round; it covers the point ratio."""
+    theirs = [1.0, 1.3, 0.9, 1.1, 1.2]
+    assert pipeline.ratio_interval([0.9 * v for v in theirs], theirs) == pytest.approx((0.9, 0.9))
+    ours = [0.95, 1.2, 0.85, 1.0, 1.15]
+    lo, hi = pipeline.ratio_interval(ours, theirs)
+    point = sorted(ours)[2] / sorted(theirs)[2]
+    assert lo <= point <= hi and lo < hi
+    assert all(math.isnan(v) for v in pipeline.ratio_interval([1.0], [1.0]))
 
 
 def test_cost_benchmark_smoke(tmp_path):
