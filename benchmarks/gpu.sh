@@ -38,4 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$py" -m benchmarks.cost --preset adm128 --device cuda --dtype float16 --steps 10 --batch 8 --repeats 3 --out "$out"
 # the embedded model (shipped weights), fp32, batch 64
 "$py" -m benchmarks.cost --preset embedded --device cuda --dtype float32 --steps 20 --batch 64 --repeats 3 --out "$out"
+# ours vs diffusers' StableDiffusionSAGPipeline on the tiny offline SD (launch-bound on a GPU: it measures what each side
+# does around the UNet calls); last, as it has not run on a GPU yet
+"$py" -m benchmarks.pipeline --device cuda --steps 20 --batch 4 --repeats 11 --out "$out"
 echo "wrote $out/tables/bench.parquet"

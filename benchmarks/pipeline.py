@@ -164,6 +164,22 @@ def ratio_interval(ours: list[float], theirs: list[float], draws: int = 2000, se
     return percentile_interval(np.median(o, axis=1) / np.median(t, axis=1))
 
 
+LABELS = {"sag": "SAG", "sag_cfg": "SAG+CFG"}
+
+
+def markdown_table(rows: pd.DataFrame) -> str:
+    """BENCHMARKS.md's table of one run: its four ``benchmark="pipeline"`` rows (ours / diffusers per setting)."""
+    by = rows.set_index("setting")
+    lines = ["| setting | UNet calls / image | ours s / image | diffusers s / image | ours / diffusers [95% CI] | "
+             "inside the UNet calls, ours / diffusers | final latents max abs diff |", "|---|---|---|---|---|---|---|"]
+    for kind in KINDS:
+        o, d = by.loc[f"ours {kind}"], by.loc[f"diffusers {kind}"]
+        lines.append(f"| {LABELS[kind]} | {o['calls_per_image']:.0f} | {o['s_per_image']:.4f} | {d['s_per_image']:.4f} "
+                     f"| **{o['ratio_vs_diffusers']:.3f}x** [{o['ratio_ci_low']:.3f}, {o['ratio_ci_high']:.3f}] "
+                     f"| {o['unet_s_per_image'] / d['unet_s_per_image']:.3f}x | {o['parity_max_abs']:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Command line: build the tiny SD pipeline, run ours vs diffusers, append the rows to the bench table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               f"[{ours['ratio_ci_low']:.3f}, {ours['ratio_ci_high']:.3f}] (95% bootstrap over {args.repeats} rounds) "
               f"({ours['s_per_image']:.4f} vs {theirs['s_per_image']:.4f} s/image), "
               f"parity max |z_ours - z_diffusers| = {parity[kind]:.2e}")
+    print(markdown_table(df.tail(len(rows))))
     print(f"wrote {path}")
     return df
 

@@ -4,6 +4,7 @@ at 2 steps into a temporary dir; the per-model settings they read from conf/mode
 own (image k uses seed k; prompts and random text embeddings come from fixed generators)."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from analysis.schemas import TABLES
 from benchmarks import common, cost, pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+RESULTS = Path(pipeline.__file__).parent / "results"
 
 
 def read_bench(out):
@@ -56,6 +58,15 @@ def test_pipeline_benchmark_ours_vs_diffusers(tmp_path):
         assert math.isnan(new.loc[f"ours {kind}", "ratio_ci_low"]) and new.loc[f"ours {kind}", "repeats"] == 1
         # same final latents as diffusers: float32 operation-order differences only (test_sag_parity: < 1e-4)
         assert 0 <= new.loc[f"ours {kind}", "parity_max_abs"] < 1e-3
+
+
+def test_benchmarks_md_shows_the_latest_pipeline_table():
+    """BENCHMARKS.md's ours-vs-diffusers table is the rendering of the newest stored pipeline results, not copied by
+    hand (the file names sort by date)."""
+    latest = sorted(RESULTS.glob("bench_cpu_pipeline_*.parquet"))[-1]
+    table = pipeline.markdown_table(pd.read_parquet(latest))
+    text = (RESULTS.parents[1] / "BENCHMARKS.md").read_text()
+    assert table in text and f"`{latest.name}`" in text
 
 
 def test_ratio_interval():
