@@ -150,8 +150,8 @@ def memory_cases(latent: int, threads: int | None) -> None:
               f"   forward {r['seconds']:6.1f} s ({r['seconds'] / base['seconds']:4.2f}x)")
 
 
-def main() -> None:
-    """Command line (module docstring)."""
+def main(argv: list[str] | None = None) -> None:
+    """Command line (module docstring); ``argv`` None: ``sys.argv``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--channels", default="16,32,32", help="tiny_pixel block_out_channels")
@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--sd15-memory", action="store_true", help="peak memory of capture on an SD-1.5-sized UNet")
     ap.add_argument("--latent", type=int, default=64, help="--sd15-memory latent size (token grid of level 1)")
     ap.add_argument("--memory-child", default=None, choices=sorted(MEMORY_CASES), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_child:

@@ -1,7 +1,8 @@
 """Smoke tests of the benchmarks package (installed with sag-lab): ours against diffusers'
 StableDiffusionSAGPipeline (benchmarks.pipeline) and the guidance / capture cost benchmark (benchmarks.cost), each
-at 2 steps into a temporary dir; the per-model settings they read from conf/model_guidance. Seeds: the benchmarks'
-own (image k uses seed k; prompts and random text embeddings come from fixed generators)."""
+at 2 steps into a temporary dir, and the capture-overhead timing cases (benchmarks.capture_overhead) at 1 step; the
+per-model settings they read from conf/model_guidance. Seeds: the benchmarks' own (image k uses seed k; prompts and
+random text embeddings come from fixed generators)."""
 
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis.schemas import TABLES
-from benchmarks import common, cost, pipeline
+from benchmarks import capture_overhead, common, cost, pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 RESULTS = Path(pipeline.__file__).parent / "results"
@@ -101,3 +102,14 @@ def test_cost_benchmark_smoke(tmp_path):
         assert calls[kind] == 2 * calls["none"]
     assert calls["apg"] == calls["cfg"]  # APG reshapes the CFG update: no extra pass
     assert guidance.loc["none", "ratio_vs_none"] == 1.0
+
+
+def test_capture_overhead_cases_run(capsys):
+    """Every timing case of benchmarks.capture_overhead runs (embedded model, 1 step, 1 image) and prints its ratio to
+    no capture, which is 1.000x for no capture itself."""
+    capture_overhead.main(["--steps", "1", "--batch", "1", "--repeats", "1", "--threads", "1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "ratio" in ln]
+    names = [ln.split(" median ")[0].strip() for ln in lines]
+    assert names == ["no capture", "capture", "capture lse_maps=False", "capture exact=False", "received+row_entropy",
+                     "received+row_entropy lse_maps=False", "capture (records)"]
+    assert "ratio 1.000x" in lines[0]
