@@ -114,6 +114,7 @@ class _Sink:
     map_heads: int | None = None  # None: the layer's own heads; n: regrouped_probs with n pseudo-heads
     qkv_layout: str = "legacy"
     rows: int | None = None  # record the first `rows` images of each call only (None: all)
+    exact: bool = True  # False: these images' layer output may come from their recorded probabilities
 
 
 class RecordingProcessor:
@@ -126,18 +127,25 @@ class RecordingProcessor:
     p = q k^T / sqrt(d) - lse as it is, with no log pass. These maps equal the explicit softmax's up to float32 rounding
     of the scores (about |score| x 2^-24 relative; ~1e-6 on the embedded model). Otherwise (``lse_maps`` off, or another
     kernel) the probabilities are an explicit softmax, bit-identical to the whole-tensor softmax where one chunk covers
-    the layer. ``exact=False`` computes each image's attention once: with the log-sum-exp path where it runs (the
-    kernel's output is already the only pass), else the recorded images' output is probs @ v of the very probabilities
-    recorded (equal to SDPA's up to float rounding, ~1e-6; the way diffusers' SAG pipeline and the official SAG code
-    compute that layer) and the other images' (``rows`` < batch) is SDPA's; float64 layers keep SDPA's output, since
-    the probabilities are float32. So ``lse_maps=False`` always means explicit-softmax maps. Probabilities are formed
-    in query chunks of at most ``chunk_bytes`` (:mod:`sag.reductions`) in the buffers of ``workspace``.
+    the layer. ``exact`` belongs to each sink (nested captures keep each one's): a sink with ``exact=False`` has its
+    images' attention computed once, with the log-sum-exp path where it runs (the kernel's output is already the only
+    pass), else their output is probs @ v of the very probabilities recorded (equal to SDPA's up to float rounding,
+    ~1e-6; the way diffusers' SAG pipeline and the official SAG code compute that layer), while every other image's
+    is SDPA's; float64 layers keep SDPA's output, since the probabilities are float32. So ``lse_maps=False`` always
+    means explicit-softmax maps. Probabilities are formed in query chunks of at most ``chunk_bytes``
+    (:mod:`sag.reductions`) in the buffers of ``workspace``.
     """
 
-    def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, exact: bool = True,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workspace: Workspace | None = None, lse_maps: bool = False):
-        self.name, self.sinks, self.tracker, self.exact, self.lse_maps = name, sinks, tracker, exact, lse_maps
+    def __init__(self, name: str, sinks: list[_Sink], tracker: GridTracker, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 workspace: Workspace | None = None, lse_maps: bool = False):
+        self.name, self.sinks, self.tracker, self.lse_maps = name, sinks, tracker, lse_maps
         self.chunk_bytes, self.workspace = chunk_bytes, workspace if workspace is not None else Workspace()
+
+    @property
+    def exact(self) -> bool:
+        """Whether every sink keeps the layer output bit-identical (``exact``; each sink carries its own, so nested
+        captures keep each one's images as it asked)."""
+        return all(s.exact for s in self.sinks)
 
     def _own_probs(self, query: Tensor, key: Tensor, mask: Tensor | None, lse: Tensor | None, keep_log: bool):
         """(buffers, f) with f(q0, q1) -> (the layer's probabilities (rows, heads, q1 - q0, k) of queries q0..q1-1,
@@ -182,22 +190,24 @@ class RecordingProcessor:
 
     @torch.no_grad()
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                grid: tuple[int, int], cross: bool, qkv: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """The layer's attention output (b, heads, q, d), recording softmax(q k^T / sqrt(d) + mask) (the
-        probabilities SDPA computes internally, its default scale) of the first ``rows`` images each sink asks
-        for into every sink, chunk by chunk over the queries (a sink with ``map_heads`` gets
-        :func:`regrouped_probs` of ``qkv``, the (b, tokens, C) projections). q, k, v: (b, heads, tokens, d)."""
+                grid: tuple[int, int], cross: bool, qkv: tuple[Tensor, Tensor, Tensor],
+                need_output: bool = True) -> Tensor | None:
+        """The layer's attention output (b, heads, q, d) (None without ``need_output``: a caller that computes it
+        itself), recording softmax(q k^T / sqrt(d) + mask) (the probabilities SDPA computes internally, its default
+        scale) of the first ``rows`` images each sink asks for into every sink, chunk by chunk over the queries (a
+        sink with ``map_heads`` gets :func:`regrouped_probs` of ``qkv``, the (b, tokens, C) projections). q, k, v:
+        (b, heads, tokens, d)."""
         b, heads, n_q, _ = query.shape
         rows = max(b if s.rows is None else min(s.rows, b) for s in self.sinks)
         out, lse = attention_with_lse(query, key, value, attention_mask) if self.lse_maps else (None, None)
-        # the recorded images' output from their (float32) probabilities; float64 models keep SDPA's full precision
-        explicit = out is None and not self.exact and query.dtype != torch.float64
-        if out is None and not explicit:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False)
-        elif explicit and rows < b:  # the images nobody records: SDPA
-            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows:]
-            out = F.scaled_dot_product_attention(query[rows:], key[rows:], value[rows:], attn_mask=mask,
+        # the first `own` images' output from their (float32) probabilities, those of the sinks that are not exact;
+        # float64 models keep SDPA's full precision
+        own = max((b if s.rows is None else min(s.rows, b) for s in self.sinks if not s.exact), default=0)
+        explicit = need_output and out is None and own > 0 and query.dtype != torch.float64
+        start = own if explicit else 0  # SDPA gives the output of the images from here on
+        if need_output and out is None and start < b:
+            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[start:]
+            out = F.scaled_dot_product_attention(query[start:], key[start:], value[start:], attn_mask=mask,
                                                  dropout_p=0.0, is_causal=False)
         sinks = self.sinks
         entropy = any("row_entropy" in s.reductions for s in sinks)
@@ -219,7 +229,7 @@ class RecordingProcessor:
             q1 = min(n_q, q0 + chunk)
             probs = {how: make(q0, q1) for how, (_, make) in makers.items()}
             if explicit:
-                outs.append(torch.matmul(probs[None][0].to(value.dtype), value[:rows]))
+                outs.append(torch.matmul(probs[None][0][:own].to(value.dtype), value[:own]))
             for sink, red in zip(sinks, reducers, strict=True):
                 p, logp = probs[None if sink.map_heads is None else (sink.map_heads, sink.qkv_layout)]
                 if sink.rows is not None and sink.rows < rows:
@@ -229,8 +239,8 @@ class RecordingProcessor:
             sink.store.records.append(AttentionRecord(self.name, sink.store.call, grid, cross, red.result()))
         if not explicit:
             return out
-        own = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-        return own if rows == b else torch.cat([own, out], 0)
+        mine = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return mine if own == b else torch.cat([mine, out], 0)
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
@@ -352,11 +362,10 @@ def capture_attention(
         for n in names:
             orig = modules[n].processor
             sinks = list(orig.sinks) if isinstance(orig, RecordingProcessor | JointRecordingProcessor) else []
-            sinks.append(_Sink(store, reductions, int(query_stride), map_heads, qkv_layout, rows))
+            sinks.append(_Sink(store, reductions, int(query_stride), map_heads, qkv_layout, rows, exact))
             originals[n] = orig
             budget = min(chunk_bytes, getattr(orig, "chunk_bytes", chunk_bytes))
-            modes = (exact and getattr(orig, "exact", True), lse_maps and getattr(orig, "lse_maps", True))
-            rec = RecordingProcessor(n, sinks, tracker, modes[0], budget, workspace, modes[1])
+            rec = RecordingProcessor(n, sinks, tracker, budget, workspace, lse_maps and getattr(orig, "lse_maps", True))
             modules[n].set_processor(recording_processor(orig, rec))  # joint layers: sag.capture_joint
         yield store
     finally:

@@ -77,7 +77,7 @@ class JointRecordingProcessor:
         tokens' (b, N_img, C) projections (for ``map_heads`` sinks)."""
         rec = self.recorder
         grid = rec.tracker.resolve(rec.name, query.shape[2])
-        rec._attend(query, key, value, None, grid, False, qkv)
+        rec._attend(query, key, value, None, grid, False, qkv, need_output=False)  # the output: SDPA in __call__
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, *args, **kwargs):

@@ -152,3 +152,18 @@ def test_explicit_output_of_the_recorded_images_only(tiny_pixel, inputs, monkeyp
     # with per-image ops everywhere else in this UNet (convs, group norm), so its output is the reference's bit for bit
     assert not torch.equal(out[0], ref_out[0])
     assert torch.equal(out[1], ref_out[1])
+
+
+def test_nested_capture_keeps_each_sinks_exactness(tiny_pixel, inputs):
+    """A study's capture (exact, every image) around SAG's (exact=False, rows=1): the layer output is SAG's own,
+    probs @ v for image 0 and SDPA for image 1, bit for bit as without the study's capture (recording changes
+    nothing), and the study still gets both images' maps."""
+    x, t = inputs
+    with torch.no_grad(), capture_attention(tiny_pixel.net, "*", ["received"], rows=1, exact=False, lse_maps=False):
+        alone = tiny_pixel(x, t)
+    with torch.no_grad(), capture_attention(tiny_pixel.net, "*", ["received"]) as study:
+        with capture_attention(tiny_pixel.net, "*", ["received"], rows=1, exact=False, lse_maps=False) as sag:
+            nested = tiny_pixel(x, t)
+    assert torch.equal(nested, alone)
+    assert all(r.data["received"].shape[0] == 2 for r in study.pop())
+    assert all(r.data["received"].shape[0] == 1 for r in sag.pop())

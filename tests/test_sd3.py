@@ -163,3 +163,28 @@ def test_slg_skips_a_whole_block(sd3):
     _, off = our_run(model, "slg", (16, 16), slg_layers="transformer_blocks.0", slg_scale=0.0)
     _, slg = our_run(model, "slg", (16, 16), slg_layers="transformer_blocks.0", slg_scale=2.8)
     assert torch.equal(off, none) and torch.isfinite(slg).all() and (slg - none).abs().max() > 1e-2
+
+
+def test_joint_layer_records_without_a_discarded_output(sd3, monkeypatch):
+    """SAG captures with exact=False, but a joint layer's output is always the diffusers processor's joint SDPA: the
+    recorder computes maps only (no probs @ v, no image-only SDPA thrown away), and the output is unchanged."""
+    from types import SimpleNamespace
+
+    import sag.capture as capture_mod
+
+    model = sd3[2]
+    x = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    cond, t = model.encode_prompt(PROMPTS), torch.tensor([700.0, 700.0])
+    monkeypatch.setattr(capture_mod, "F", SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: pytest.fail(
+        "an image-only SDPA in the recorder")))
+    attend, returned = capture_mod.RecordingProcessor._attend, []
+    monkeypatch.setattr(capture_mod.RecordingProcessor, "_attend",
+                        lambda *a, **k: returned.append(attend(*a, **k)) or returned[-1])
+    with torch.no_grad():
+        with capture_attention(model.net, BLOCK0, ["received"], rows=1, exact=False, lse_maps=False) as store:
+            out = model(x, t, cond)
+    monkeypatch.undo()
+    assert returned == [None]  # no probs @ v output either
+    with torch.no_grad():
+        assert torch.equal(out, model(x, t, cond))
+    assert [r.data["received"].shape[0] for r in store.pop()] == [1]
